@@ -1,0 +1,158 @@
+"""Our own generator checkpoints: `NAME.safetensors` (weights) plus `NAME.json` (architecture config).
+
+The JSON is also embedded in the safetensors metadata, so a lone `.safetensors` file still loads.
+`load_model` is the one entry point that turns "what the user named" into a ready model: an official
+release name, one of our checkpoints, or an official `.pth`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+import ddcolor
+from ddcolor.model.convert import CheckpointError, convert_official_state_dict, read_checkpoint
+from ddcolor.model.ddcolor import DDColor, DDColorConfig
+from ddcolor.model.encoder import Encoder
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_checkpoint", "load_model", "save_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "ddcolor-generator"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: DDColor, path: str | Path, extra: dict | None = None) -> Path:
+    """Save `model` as `path` (.safetensors) plus its JSON config beside it; both written atomically.
+
+    Args:
+        model: the generator (unwrap DDP / torch.compile first).
+        path: target file; the suffix is forced to `.safetensors`.
+        extra: small JSON-serialisable metadata to keep with it (e.g. run id, step).
+
+    Returns:
+        The path of the `.safetensors` file.
+    """
+    path = Path(path).with_suffix(".safetensors")
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "ddcolor_version": ddcolor.__version__,
+        "config": asdict(model.config),
+        "extra": extra or {},
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"ddcolor": json.dumps(config)}))
+    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "ddcolor" not in metadata:
+        raise CheckpointError(
+            f"{path}: no model config (neither {sidecar.name} nor safetensors metadata); "
+            "if it is an official checkpoint, load it with `load_official` or pass a `.pth`"
+        )
+    return json.loads(metadata["ddcolor"])
+
+
+def load_checkpoint(path: str | Path) -> DDColor:
+    """Load one of our `.safetensors` checkpoints (strict: every key and shape must match).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable file, unknown format version, or keys that do not fit the config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        config = _read_config(path)
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({err}); the file is truncated or corrupt") from err
+    if config.get("format") != FORMAT_NAME or config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {config.get('format')!r} v{config.get('format_version')} is not supported by "
+            f"ddcolor {ddcolor.__version__} (expects {FORMAT_NAME!r} <= v{FORMAT_VERSION}); upgrade ddcolor"
+        )
+    known = {f.name for f in fields(DDColorConfig)}
+    unknown = sorted(set(config["config"]) - known)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: config fields {unknown} are unknown to ddcolor {ddcolor.__version__}; upgrade ddcolor"
+        )
+    arch = DDColorConfig(**config["config"])
+    model = DDColor(arch, Encoder(arch.backbone, pretrained_file=None))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the config stored with them: {err}") from err
+    return model
+
+
+def _official_preset(state: dict[str, torch.Tensor], source: Path) -> str:
+    stem = state.get("encoder.arch.downsample_layers.0.0.weight")
+    presets = {96: "tiny", 192: "large"}
+    if stem is None or stem.shape[0] not in presets:
+        raise CheckpointError(f"{source}: not an official DDColor checkpoint (no ConvNeXt-T/L encoder keys found)")
+    return presets[stem.shape[0]]
+
+
+def load_model(spec: str | Path, preset: str | None = None) -> DDColor:
+    """Resolve a model reference to a ready `DDColor` in eval mode.
+
+    Args:
+        spec: an official release name (`ddcolor_paper_tiny`, ...; from the weights cache), one of our
+            `.safetensors` checkpoints, or an official `.pth`/`.pt`/`.bin` file.
+        preset: model preset for official files; inferred from the checkpoint when None.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (the message lists what `spec` may be).
+        ddcolor.weights.WeightsNotFoundError: a release that is not in the cache (names the fetch command).
+        CheckpointError: unreadable or non-fitting checkpoint.
+    """
+    from ddcolor.model import OFFICIAL_RELEASES, build_model
+
+    name = str(spec).removeprefix("official:")
+    if name in OFFICIAL_RELEASES:
+        return build_model(OFFICIAL_RELEASES[name], pretrained=name).eval()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model {spec!r} not found: expected an official release {sorted(OFFICIAL_RELEASES)} "
+            "(see `ddcolor weights list`), a .safetensors checkpoint, or an official .pth file"
+        )
+    if path.suffix == ".safetensors":
+        return load_checkpoint(path).eval()
+    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in read_checkpoint(path).items()}
+    model = build_model(preset or _official_preset(state, path), pretrained=None)
+    model.load_state_dict(convert_official_state_dict(state, model, source=str(path)), strict=True)
+    return model.eval()
