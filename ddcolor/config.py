@@ -44,8 +44,9 @@ from pydantic import (
     field_validator,
 )
 
+from ddcolor.presets import INPUT_MULTIPLE, PRESETS
+
 __all__ = [
-    "PRESET_BACKBONES",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -65,13 +66,6 @@ Scalar = str | int | float | bool | None
 
 #: Preset name -> timm backbone (``arch.pretrained_tag``). DDColor's tiny and large encoders start from
 #: the ImageNet-22k ConvNeXt checkpoints; atto (3.7M params) only exists as ImageNet-1k and is for CPU demos.
-PRESET_BACKBONES: dict[str, str] = {
-    "atto": "convnext_atto.d2_in1k",
-    "tiny": "convnext_tiny.fb_in22k",
-    "large": "convnext_large.fb_in22k",
-}
-
-_STRIDE = 32  # ConvNeXt downsamples by 32: image sizes must be multiples of it.
 
 
 class ConfigError(ValueError):
@@ -87,8 +81,8 @@ class ConfigError(ValueError):
 
 
 def _multiple_of_stride(value: int) -> int:
-    if value % _STRIDE:
-        raise ValueError(f"must be a multiple of {_STRIDE}")
+    if value % INPUT_MULTIPLE:
+        raise ValueError(f"must be a multiple of {INPUT_MULTIPLE}")
     return value
 
 
@@ -139,9 +133,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """DDColor architecture: ConvNeXt encoder, pixel decoder, query-based multi-scale color decoder."""
 
-    preset: Literal["atto", "tiny", "large"] = Field(
-        "large", description="Encoder size: atto (CPU demo), tiny, or large (the paper's model)."
-    )
+    preset: str = Field("large", description="Encoder size: atto (CPU demo), tiny, or large (the paper's model).")
     backbone: str | None = Field(
         None,
         min_length=1,
@@ -152,7 +144,9 @@ class ModelConfig(_Section):
         "imagenet", description="Encoder initialization: 'imagenet' weights, or null for explicit random init."
     )
     num_queries: int = Field(100, ge=1, description="Color queries in the color decoder.")
-    num_scales: int = Field(3, ge=1, le=3, description="Pixel-decoder feature scales the color decoder attends to.")
+    num_scales: int = Field(
+        3, ge=3, le=3, description="Feature scales the color decoder attends to (the pixel decoder gives 3)."
+    )
     dec_layers: int = Field(9, ge=1, description="Transformer layers in the color decoder.")
     nf: int = Field(512, ge=1, description="Channels of the pixel decoder's upsampling blocks.")
     hidden_dim: int = Field(256, ge=1, description="Color-decoder embedding width (divisible by nheads).")
@@ -163,6 +157,13 @@ class ModelConfig(_Section):
         512, description="Inference resolution, px: the L channel is resized to this square (multiple of 32)."
     )
 
+    @field_validator("preset")
+    @classmethod
+    def _check_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {sorted(PRESETS)} (or set model.backbone)")
+        return value
+
     @field_validator("nheads")
     @classmethod
     def _check_heads(cls, value: int, info: ValidationInfo) -> int:
@@ -170,11 +171,6 @@ class ModelConfig(_Section):
         if hidden_dim is not None and hidden_dim % value:
             raise ValueError(f"must divide model.hidden_dim ({hidden_dim})")
         return value
-
-    @property
-    def backbone_name(self) -> str:
-        """The timm backbone to build: `backbone` if set, else the preset's."""
-        return self.backbone or PRESET_BACKBONES[self.preset]
 
 
 class TrainConfig(_Section):

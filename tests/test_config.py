@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from ddcolor.config import (
-    PRESET_BACKBONES,
     Config,
     ConfigError,
     EnvSettings,
@@ -34,7 +33,7 @@ def write(tmp_path: Path, text: str, name: str = "params.yaml") -> Path:
 
 def test_defaults_validate_and_follow_official_recipe():
     cfg = Config()
-    assert cfg.model.preset == "large" and cfg.model.backbone_name == PRESET_BACKBONES["large"]
+    assert cfg.model.preset == "large" and cfg.model.backbone is None
     assert cfg.train.lr == 1e-4 and cfg.train.betas == (0.9, 0.99) and cfg.train.max_steps == 400_000
     assert cfg.train.milestones[0] == 80_000 and cfg.train.milestones[-1] == 360_000
     assert Config.model_validate(cfg.model_dump()) == cfg
@@ -84,7 +83,10 @@ def test_wrong_type_names_key_and_value(tmp_path):
         ("data:\n  source: 5\n", "data.source: expected a string, got 5"),
         ("data:\n  shard_rows: many\n", "data.shard_rows: expected an integer, got 'many'"),
         ("train:\n  compile: maybe\n", "train.compile: expected true or false, got 'maybe'"),
-        ("model:\n  preset: huge\n", "model.preset: expected one of 'atto', 'tiny' or 'large', got 'huge'"),
+        (
+            "model:\n  preset: huge\n",
+            "model.preset: unknown preset 'huge'; choose one of ['atto', 'large', 'tiny'] (or set model.backbone), got 'huge'",
+        ),
         ("train: 3\n", "train: expected a mapping, got 3"),
         ("train:\n  betas: [0.9, x]\n", "train.betas[1]: expected a number, got 'x'"),
     ],
@@ -165,7 +167,7 @@ def test_override_value_types_parse_as_yaml():
 def test_mapping_overrides_are_taken_as_is():
     cfg = load_config(None, {"train.lr": 2e-4, "model.backbone": "convnext_small.fb_in22k"})
     assert cfg.train.lr == 2e-4
-    assert cfg.model.backbone_name == "convnext_small.fb_in22k"
+    assert cfg.model.backbone == "convnext_small.fb_in22k"
 
 
 def test_unknown_override_key_errors_with_suggestion():
@@ -242,9 +244,10 @@ def test_missing_explicit_file_errors_naming_the_path(tmp_path):
         load_config(missing)
 
 
-def test_model_backbone_name_prefers_explicit_backbone():
-    assert ModelConfig(preset="atto").backbone_name == PRESET_BACKBONES["atto"]
-    assert ModelConfig(preset="atto", backbone="convnext_nano").backbone_name == "convnext_nano"
+def test_model_preset_must_be_known():
+    assert ModelConfig(preset="atto").preset == "atto"
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ModelConfig(preset="huge")
 
 
 def test_gates_required_metrics():

@@ -18,6 +18,7 @@ from ddcolor.model import (
     CheckpointError,
     DDColor,
     build_model,
+    build_model_from_config,
     load_official,
     prepare_for_inference,
 )
@@ -251,3 +252,12 @@ def test_own_checkpoint_round_trip(tmp_path, atto_model):
 def test_unknown_model_reference_lists_choices():
     with pytest.raises(FileNotFoundError, match="ddcolor_paper_tiny"):
         load_model("no/such/file.pth")
+
+
+def test_build_from_params_yaml_model_section():
+    from ddcolor.config import load_config
+
+    config = load_config("params.yaml", ["model.pretrained=null", "model.num_queries=20", "model.dec_layers=3"])
+    model = build_model_from_config(config.model)
+    assert model.config.backbone == "convnext_atto"
+    assert model.color_decoder.query_feat.weight.shape[0] == 20 and model.color_decoder.num_layers == 3

@@ -9,14 +9,15 @@ Public API (other modules and users rely on it):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import timm
 
 from ddcolor.model.convert import CheckpointError, convert_official_state_dict, load_official, read_checkpoint
-from ddcolor.model.ddcolor import IMAGENET_MEAN, IMAGENET_STD, INPUT_MULTIPLE, DDColor, DDColorConfig
+from ddcolor.model.ddcolor import IMAGENET_MEAN, IMAGENET_STD, DDColor, DDColorConfig
 from ddcolor.model.encoder import Encoder
 from ddcolor.model.inference import prepare_for_inference
+from ddcolor.presets import INPUT_MULTIPLE, OFFICIAL_RELEASES, PRESETS, Preset
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -29,6 +30,7 @@ __all__ = [
     "DDColorConfig",
     "Preset",
     "build_model",
+    "build_model_from_config",
     "convert_official_state_dict",
     "load_official",
     "prepare_for_inference",
@@ -36,30 +38,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named model size: timm backbone and the weights-cache entry of its ImageNet weights."""
-
-    backbone: str
-    imagenet_weights: str
-    description: str
-
-
-PRESETS: dict[str, Preset] = {
-    "atto": Preset("convnext_atto", "convnext_atto.d2_in1k", "3.7 M-param ConvNeXt encoder; fast CPU tests and demo"),
-    "tiny": Preset("convnext_tiny", "convnext_tiny.fb_in22k", "as the official ddcolor_paper_tiny release"),
-    "large": Preset("convnext_large", "convnext_large.fb_in22k", "as the official paper/modelscope/artistic releases"),
-}
-
-# Official release -> preset it was trained with.
-OFFICIAL_RELEASES: dict[str, str] = {
-    "ddcolor_paper_tiny": "tiny",
-    "ddcolor_paper": "large",
-    "ddcolor_modelscope": "large",
-    "ddcolor_artistic": "large",
-}
 
 
 def build_model(preset: str = "tiny", pretrained: str | None = "imagenet", **overrides) -> DDColor:
@@ -117,3 +95,18 @@ def build_model(preset: str = "tiny", pretrained: str | None = "imagenet", **ove
         )
     weights_file = weights.resolve(PRESETS[preset].imagenet_weights)
     return DDColor(config, Encoder(backbone, pretrained_file=weights_file))
+
+
+def build_model_from_config(model_config) -> DDColor:
+    """Build the generator described by the `model` section of `params.yaml` (`ddcolor.config.ModelConfig`)."""
+    return build_model(
+        model_config.backbone or model_config.preset,
+        pretrained=model_config.pretrained,
+        num_queries=model_config.num_queries,
+        num_scales=model_config.num_scales,
+        dec_layers=model_config.dec_layers,
+        nf=model_config.nf,
+        hidden_dim=model_config.hidden_dim,
+        nheads=model_config.nheads,
+        dim_feedforward=model_config.dim_feedforward,
+    )

@@ -18,12 +18,12 @@ from ddcolor.model.color_decoder import MultiScaleColorDecoder
 from ddcolor.model.encoder import Encoder
 from ddcolor.model.layers import SpectralNormConv2d
 from ddcolor.model.pixel_decoder import PixelDecoder
+from ddcolor.presets import INPUT_MULTIPLE
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DDColor", "DDColorConfig"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_MULTIPLE = 32  # total stride of the encoder
 
 
 @dataclass(frozen=True)
