@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated, Literal
 
 import typer
 
@@ -68,6 +69,175 @@ def weights_import(
     except (weights.WeightsError, OSError) as e:
         raise _weights_fail(e) from None
     typer.echo(f"imported: {path}")
+
+
+# --- colorize ------------------------------------------------------------------------------------------
+def _model_error(exc: BaseException) -> typer.Exit:
+    """Print a model-loading error (its message says what to run) and exit 1."""
+    msg = str(exc).strip("'\"")
+    if isinstance(exc, FileNotFoundError) and "ddcolor weights" not in msg:
+        msg += " (see `ddcolor weights list`; fetch a release with `ddcolor weights fetch NAME`)"
+    typer.echo(f"Error: {msg}", err=True)
+    return typer.Exit(1)
+
+
+@app.command("colorize")
+def colorize_command(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(metavar="INPUT", help="Image files, folders (searched recursively) or quoted glob patterns."),
+    ],
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Output folder; or an output file name (e.g. out.png) for a single input."
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Official release name (ddcolor_paper_tiny, ddcolor_paper, ddcolor_modelscope, ddcolor_artistic; "
+        "see `ddcolor weights list`), a .safetensors or official .pth checkpoint, or models:/NAME@ALIAS "
+        "(once the registry exists). Required unless --random-init.",
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Preset (atto|tiny|large) of an official .pth (inferred if absent) or for --random-init."
+    ),
+    input_size: int = typer.Option(512, "--input-size", help="Network resolution, px (multiple of 32)."),
+    ab_upsample: Literal["bilinear", "nearest"] = typer.Option(
+        "bilinear", "--ab-upsample", help="How ab returns to full size; nearest reproduces the official pipeline."
+    ),
+    device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option("auto", "--device", help="Where the network runs."),
+    precision: Literal["fp32", "bf16", "fp16"] = typer.Option("fp32", "--precision", help="Network precision."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
+    fmt: str | None = typer.Option(None, "--format", help="Output format png|jpg|webp|tif|bmp; default: the input's."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (inputs are never replaced)."),
+    max_pixels: int | None = typer.Option(
+        None,
+        "--max-pixels",
+        min=0,
+        help="Skip images with more pixels (decompression-bomb guard); 0 = no limit. "
+        "Default: data.max_image_pixels of params.yaml (89,478,485).",
+    ),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="Use a random-init model (atto unless --preset): smoke tests, MEANINGLESS colors."
+    ),
+) -> None:
+    """Colorize images: files, folders (recursive) or globs, written to -o with the input's format and metadata."""
+    from ddcolor import colorize, weights
+    from ddcolor.imageio import default_max_pixels
+    from ddcolor.model import OFFICIAL_RELEASES, CheckpointError
+
+    if random_init and model is not None:
+        raise typer.BadParameter("give either --model or --random-init, not both", param_hint="--model")
+    if not random_init and model is None:
+        raise typer.BadParameter(
+            f"which model? Pass an official release ({', '.join(OFFICIAL_RELEASES)}; fetch it first with "
+            "`ddcolor weights fetch ddcolor_paper_tiny`), a .safetensors/.pth checkpoint file, or --random-init "
+            "for a smoke test with meaningless colors.",
+            param_hint="--model",
+        )
+    try:
+        if random_init:
+            typer.echo("WARNING: " + colorize.RANDOM_INIT_WARNING.format(preset=preset or "atto"), err=True)
+            network = colorize.random_init_model(preset or "atto", warn=False)
+        else:
+            network = colorize.load_colorization_model(model, preset=preset)
+        colorizer = colorize.Colorizer(
+            network, input_size, ab_upsample=ab_upsample, device=device, precision=precision, batch_size=batch_size
+        )
+    except (weights.WeightsError, FileNotFoundError, CheckpointError, ValueError) as err:
+        raise _model_error(err) from None
+    limit = default_max_pixels() if max_pixels is None else (max_pixels or None)
+    try:
+        report = colorize.colorize_files(
+            colorizer, inputs, out, format=fmt, overwrite=overwrite, max_pixels=limit, progress=True
+        )
+    except ValueError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(1)
+
+
+# --- demo ----------------------------------------------------------------------------------------------
+@app.command("demo")
+def demo_command(
+    out: str = typer.Option("demo_out", "--out", "-o", help="Output folder (gray/, color/, grid.png)."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Release name or checkpoint; default: ddcolor_paper_tiny if cached, else random-init atto (warned).",
+    ),
+    input_size: int = typer.Option(256, "--input-size", help="Network resolution, px (multiple of 32)."),
+    device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option("auto", "--device", help="Where the network runs."),
+    precision: Literal["fp32", "bf16", "fp16"] = typer.Option("fp32", "--precision", help="Network precision."),
+    random_init: bool = typer.Option(False, "--random-init", help="Force a random-init atto model (smoke test)."),
+) -> None:
+    """Colorize scikit-image sample photos and write a gray | colorized | original grid."""
+    from ddcolor import weights
+    from ddcolor.demo import run_demo
+    from ddcolor.model import CheckpointError
+
+    if random_init and model is not None:
+        raise typer.BadParameter("give either --model or --random-init, not both", param_hint="--model")
+    try:
+        result = run_demo(
+            out, model=model, input_size=input_size, device=device, precision=precision, random_init=random_init
+        )
+    except (weights.WeightsError, FileNotFoundError, CheckpointError, ValueError) as err:
+        raise _model_error(err) from None
+    typer.echo(result.report.summary())
+    typer.echo(f"model: {result.model}")
+    typer.echo(f"grid: {result.grid}")
+    if result.random_init:
+        typer.echo(
+            "WARNING: random-init model: the colors are meaningless. Fetch weights "
+            "(`ddcolor weights fetch ddcolor_paper_tiny`) or train a model, then rerun (`--model NAME_OR_PATH`).",
+            err=True,
+        )
+
+
+# --- export --------------------------------------------------------------------------------------------
+@app.command("export-onnx")
+def export_onnx_command(
+    out: str = typer.Option(..., "--out", "-o", help="Output .onnx file."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Official release name (see `ddcolor weights list`), a .safetensors or official .pth checkpoint. "
+        "Required unless --random-init.",
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Preset (atto|tiny|large) of an official .pth (inferred if absent) or for --random-init."
+    ),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="Export a random-init model (atto unless --preset): for testing the toolchain."
+    ),
+    opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset (>= 17)."),
+) -> None:
+    """Export the fp32 inference network to ONNX: gray_rgb (B,3,H,W) -> ab (B,2,H,W), dynamic B/H/W (x32)."""
+    from ddcolor import weights
+    from ddcolor.export import export_onnx
+    from ddcolor.model import CheckpointError, build_model
+    from ddcolor.model.checkpoint import load_model
+
+    if random_init == (model is not None):
+        raise typer.BadParameter("give exactly one of --model or --random-init", param_hint="--model")
+    try:
+        if random_init:
+            typer.echo(
+                f"WARNING: exporting a random-init {preset or 'atto'} model: its colors are meaningless.", err=True
+            )
+            network = build_model(preset or "atto", pretrained=None).eval()
+        else:
+            network = load_model(model, preset=preset)
+        path = export_onnx(network, out, opset=opset)
+    except (weights.WeightsError, FileNotFoundError, CheckpointError, ValueError) as err:
+        typer.echo(f"Error: {str(err).strip(chr(39) + chr(34))}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"exported: {path} (opset {opset}; input gray_rgb (B,3,H,W), H and W multiples of 32)")
 
 
 @app.callback()

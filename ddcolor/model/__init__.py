@@ -78,10 +78,11 @@ def build_model(preset: str = "tiny", pretrained: str | None = "imagenet", **ove
                 f"official release {release!r} is a {OFFICIAL_RELEASES[release]!r} model; "
                 f"build it with preset={OFFICIAL_RELEASES[release]!r}, not {preset!r}"
             )
+        checkpoint = weights.resolve(release) if release is not None else None  # fail fast, before building
         model = DDColor(config, Encoder(backbone, pretrained_file=None))
-        if release is not None:
-            load_official(model, weights.resolve(release))
-            log.info("loaded official release %s", release)
+        if checkpoint is not None:
+            load_official(model, checkpoint)
+            log.info("loaded official release %s from %s", release, checkpoint)
         return model
     if pretrained != "imagenet":
         raise ValueError(
