@@ -120,6 +120,9 @@ def colorize_command(
     random_init: bool = typer.Option(
         False, "--random-init", help="Use a random-init model (atto unless --preset): smoke tests, MEANINGLESS colors."
     ),
+    engine: Literal["torch", "onnx"] = typer.Option(
+        "torch", "--engine", help="torch, or onnx (onnxruntime; --model may be an .onnx file from export-onnx)."
+    ),
 ) -> None:
     """Colorize images: files, folders (recursive) or globs, written to -o with the input's format and metadata."""
     from ddcolor import colorize, weights
@@ -139,10 +142,19 @@ def colorize_command(
         if random_init:
             typer.echo("WARNING: " + colorize.RANDOM_INIT_WARNING.format(preset=preset or "atto"), err=True)
             network = colorize.random_init_model(preset or "atto", warn=False)
+        elif model.endswith(".onnx"):
+            network = model  # loaded by the onnx engine
+            engine = "onnx"
         else:
             network = colorize.load_colorization_model(model, preset=preset)
         colorizer = colorize.Colorizer(
-            network, input_size, ab_upsample=ab_upsample, device=device, precision=precision, batch_size=batch_size
+            network,
+            input_size,
+            ab_upsample=ab_upsample,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            engine=engine,
         )
     except (weights.WeightsError, FileNotFoundError, CheckpointError, ValueError) as err:
         raise _model_error(err) from None

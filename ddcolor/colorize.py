@@ -58,6 +58,7 @@ __all__ = [
     "AB_RANGE",
     "AB_UPSAMPLE_MODES",
     "DEVICES",
+    "ENGINES",
     "PRECISIONS",
     "RANDOM_INIT_WARNING",
     "ColorizeReport",
@@ -77,6 +78,7 @@ AB_RANGE = (-128.0, 127.0)  # Lab a*, b* are clamped to this range before Lab ->
 AB_UPSAMPLE_MODES = ("bilinear", "nearest")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINES = ("torch", "onnx")  # torch: prepare_for_inference; onnx: onnxruntime on the fp32 export
 RANDOM_INIT_WARNING = (
     "RANDOM-INIT MODEL: the {preset} network has random weights, so the output colors are MEANINGLESS "
     "(smoke tests only). For real colors fetch weights (`ddcolor weights fetch ddcolor_paper_tiny`, then "
@@ -153,6 +155,27 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _onnx_network(model: DDColor | str | os.PathLike[str], precision: str, device: torch.device):
+    """An onnxruntime network for `Colorizer(engine="onnx")`: an `.onnx` file as is, anything else exported first.
+
+    Other models are exported (fp32) to a temporary file that lives as long as the process.
+    """
+    import tempfile
+
+    from ddcolor.export import OnnxColorModel, export_onnx
+
+    if precision != "fp32":
+        raise ValueError(f"the onnx engine runs the fp32 export; got precision {precision!r} (use --engine torch)")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    if not isinstance(model, DDColor) and str(model).endswith(".onnx"):
+        return OnnxColorModel(model, providers=providers)
+    if not isinstance(model, DDColor):
+        model = load_colorization_model(model)
+    path = Path(tempfile.mkdtemp(prefix="ddcolor-onnx-")) / "model.onnx"
+    log.info("exporting the model to ONNX for the onnx engine: %s", path)
+    return OnnxColorModel(export_onnx(model, path), providers=providers)
+
+
 # --- the pipeline ----------------------------------------------------------------------------------------
 @dataclass
 class _Decoded:
@@ -173,6 +196,8 @@ class Colorizer:
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         precision: "fp32", "bf16" or "fp16" for the network forward; the color math stays float32.
         batch_size: images per forward pass in `colorize_batch` / `colorize_float`.
+        engine: "torch" (`prepare_for_inference`) or "onnx" (onnxruntime; `model` may also be an `.onnx` file
+            from `ddcolor export-onnx`, other models are exported on the fly).
 
     Example:
         >>> colorizer = Colorizer("ddcolor_paper_tiny", input_size=512)
@@ -187,6 +212,7 @@ class Colorizer:
         device: str = "auto",
         precision: str = "fp32",
         batch_size: int = 1,
+        engine: str = "torch",
     ) -> None:
         if input_size <= 0 or input_size % INPUT_MULTIPLE:
             raise ValueError(f"input_size must be a positive multiple of {INPUT_MULTIPLE}, got {input_size}")
@@ -196,13 +222,19 @@ class Colorizer:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not isinstance(model, DDColor):
-            model = load_colorization_model(model)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.input_size = input_size
         self.ab_upsample = ab_upsample
         self.precision = precision
         self.batch_size = batch_size
+        self.engine = engine
         self.device = resolve_device(device)
+        if engine == "onnx":
+            self.net = _onnx_network(model, precision, self.device)
+            return
+        if not isinstance(model, DDColor):
+            model = load_colorization_model(model)
         self.net = prepare_for_inference(model, precision).to(self.device)
 
     # core: float sRGB in, float sRGB out

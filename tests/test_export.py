@@ -114,3 +114,31 @@ def test_tiny_parity_dynamic_batch_and_size(tmp_path):
     path = export_onnx(model, tmp_path / "tiny.onnx")
     net = OnnxColorModel(path, providers=["CPUExecutionProvider"])
     assert_parity(model, net, [(1, 64, 96), (2, 128, 128)])
+
+
+def test_colorize_with_onnx_engine_matches_torch(tmp_path):
+    """`ddcolor colorize --engine onnx` (and an .onnx --model) gives the torch engine's pixels within 1 level."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+    from typer.testing import CliRunner
+
+    from ddcolor.cli import app
+    from ddcolor.colorize import Colorizer, random_init_model
+    from ddcolor.export import export_onnx
+
+    photo = data.coffee()[::4, ::4]  # (100, 150, 3) uint8
+    model = random_init_model("atto", warn=False)
+    by_torch = Colorizer(model, input_size=64).colorize(photo)
+    by_onnx = Colorizer(model, input_size=64, engine="onnx").colorize(photo)
+    assert np.abs(by_torch.astype(int) - by_onnx.astype(int)).max() <= 1
+
+    onnx_file = export_onnx(model, tmp_path / "atto.onnx")
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    result = CliRunner().invoke(
+        app,
+        ["colorize", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "-m", str(onnx_file), "--input-size", "64"],
+    )
+    assert result.exit_code == 0, result.output
+    written = np.asarray(Image.open(tmp_path / "out" / "in.png"))
+    assert np.abs(written.astype(int) - by_torch.astype(int)).max() <= 1
