@@ -113,9 +113,7 @@ def test_round_trip_is_identity(dtype):
 def test_known_values():
     rgb = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64).T.reshape(1, 3, 1, 2)
     lab = rgb_to_lab(rgb)
-    torch.testing.assert_close(
-        lab[0, 0, 0], torch.tensor([0.0, 100.0], dtype=torch.float64), atol=1e-3, rtol=0
-    )
+    torch.testing.assert_close(lab[0, 0, 0], torch.tensor([0.0, 100.0], dtype=torch.float64), atol=1e-3, rtol=0)
     assert lab[:, 1:].abs().max() < 1e-2
 
 
@@ -222,9 +220,7 @@ def test_colorfulness_gray_is_zero_and_saturated_is_larger():
     saturated = (skcolor.hsv2rgb(np.clip(skcolor.rgb2hsv(photo) * [1, 2, 1], 0, 1)) * 255).round()
     saturated = saturated.astype(np.uint8)
     assert colorfulness_np(saturated) > colorfulness_np(photo) > colorfulness_np(gray)
-    batch = torch.cat(
-        [to_bchw(x, torch.float64) for x in (gray[:64, :64], photo[:64, :64], saturated[:64, :64])]
-    )
+    batch = torch.cat([to_bchw(x, torch.float64) for x in (gray[:64, :64], photo[:64, :64], saturated[:64, :64])])
     cf = colorfulness(batch)
     assert cf[0] == 0 and cf[2] > cf[1] > 0
 
