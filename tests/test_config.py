@@ -85,7 +85,8 @@ def test_wrong_type_names_key_and_value(tmp_path):
         ("train:\n  compile: maybe\n", "train.compile: expected true or false, got 'maybe'"),
         (
             "model:\n  preset: huge\n",
-            "model.preset: unknown preset 'huge'; choose one of ['atto', 'large', 'tiny'] (or set model.backbone), got 'huge'",
+            "model.preset: unknown preset 'huge'; choose one of ['atto', 'large', 'tiny'] (or set model.backbone), "
+            "got 'huge'",
         ),
         ("train: 3\n", "train: expected a mapping, got 3"),
         ("train:\n  betas: [0.9, x]\n", "train.betas[1]: expected a number, got 'x'"),
