@@ -74,8 +74,7 @@ def _check_bchw(x: torch.Tensor, channels: int, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(
-            f"{name} must have shape (B, {channels}, H, W) (batched, channels first), "
-            f"got shape {tuple(x.shape)}"
+            f"{name} must have shape (B, {channels}, H, W) (batched, channels first), got shape {tuple(x.shape)}"
         )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
@@ -95,9 +94,7 @@ def _srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
 
 def _linear_to_srgb(lin: torch.Tensor) -> torch.Tensor:
     power = lin.clamp(min=SRGB_ENCODE_THRESHOLD).pow(1.0 / SRGB_GAMMA)
-    return torch.where(
-        lin > SRGB_ENCODE_THRESHOLD, (1.0 + SRGB_OFFSET) * power - SRGB_OFFSET, lin * SRGB_LINEAR_SLOPE
-    )
+    return torch.where(lin > SRGB_ENCODE_THRESHOLD, (1.0 + SRGB_OFFSET) * power - SRGB_OFFSET, lin * SRGB_LINEAR_SLOPE)
 
 
 def _lab_f(t: torch.Tensor) -> torch.Tensor:
@@ -259,9 +256,7 @@ def colorfulness_np(image: np.ndarray) -> float:
     return float(std_root + CF_MEAN_WEIGHT * mean_root)
 
 
-def colorfulness_loss(
-    rgb_01: torch.Tensor, reduction: str = "mean", eps: float = COLORFULNESS_EPS
-) -> torch.Tensor:
+def colorfulness_loss(rgb_01: torch.Tensor, reduction: str = "mean", eps: float = COLORFULNESS_EPS) -> torch.Tensor:
     """Differentiable colorfulness loss ``1 - CF`` used to train DDColor.
 
     As the official ``ColorfulnessLoss``, CF is computed on RGB in [0, 1] (so it is about CF_255 / 255)
