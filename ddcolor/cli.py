@@ -252,6 +252,127 @@ def export_onnx_command(
     typer.echo(f"exported: {path} (opset {opset}; input gray_rgb (B,3,H,W), H and W multiples of 32)")
 
 
+# --- validate ------------------------------------------------------------------------------------------
+@app.command("validate")
+def validate_command(
+    uri: str = typer.Argument(..., metavar="URI", help="Dataset folder or s3:// prefix holding manifest.json."),
+    reference: str | None = typer.Option(
+        None, "--reference", "-r", help="Another dataset version: per-image L/ab/colorfulness quantiles must match it."
+    ),
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="params.yaml whose data section (size, resize_mode, val_fraction, min_colorfulness) the dataset must "
+        "match. Default: no such check; the manifest's own config is the expectation.",
+    ),
+    report: bool = typer.Option(
+        True, "--report/--no-report", help="Write validation_report.md and validation.json next to the data."
+    ),
+    split_tolerance: float | None = typer.Option(
+        None, "--split-tolerance", min=0.0, help="Allowed |val share - val_fraction| beyond sampling noise."
+    ),
+    max_low_share: float | None = typer.Option(
+        None, "--max-low-share", min=0.0, max=1.0, help="Largest allowed share of low-colorfulness rows."
+    ),
+    drift_tol: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--drift-tol", metavar="COLUMN=VALUE", help="Absolute drift tolerance, e.g. L_mean=3 (repeatable)."
+        ),
+    ] = None,
+) -> None:
+    """Validate a shard dataset (manifest, checksums, Great Expectations suite, drift); exit 1 on failure."""
+    from ddcolor.data.validate import DRIFT_COLUMNS, Tolerances, validate_dataset
+
+    changes: dict = {}
+    if split_tolerance is not None:
+        changes["split_abs"] = split_tolerance
+    if max_low_share is not None:
+        changes["max_low_colorfulness_share"] = max_low_share
+    drift: dict[str, float] = {}
+    for item in drift_tol or []:
+        column, _, value = item.partition("=")
+        try:
+            if column not in DRIFT_COLUMNS:
+                raise ValueError(f"column must be one of {', '.join(DRIFT_COLUMNS)}")
+            drift[column] = float(value)
+        except ValueError as err:
+            raise typer.BadParameter(f"{item!r}: {err}", param_hint="--drift-tol") from None
+    if drift:
+        changes["drift_abs"] = drift
+    expected = None
+    if config is not None:
+        from ddcolor.config import ConfigError, load_config
+
+        try:
+            expected = load_config(config).data
+        except ConfigError as err:
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(2) from None
+    result = validate_dataset(uri, reference=reference, expected=expected, tolerances=Tolerances().replace(**changes))
+    typer.echo(result.summary())
+    if report:
+        from ddcolor.data.validate import write_reports
+        from ddcolor.storage import StorageError
+
+        try:
+            for written in write_reports(result):
+                typer.echo(f"report: {written}")
+        except (OSError, StorageError) as err:
+            typer.echo(f"WARNING: could not write the report: {err}", err=True)
+    if not result.success:
+        raise typer.Exit(1)
+
+
+# --- ingest --------------------------------------------------------------------------------------------
+@app.command("ingest")
+def ingest_command(
+    source: str = typer.Argument(..., metavar="SOURCE", help="Raw images: a local folder or s3://bucket/prefix."),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[KEY=VALUE]...", help="Config overrides, e.g. data.size=64 data.shard_rows=512."),
+    ] = None,
+    dest: str | None = typer.Option(
+        None, "--dest", "-d", help="Dataset: a local folder or s3://bucket/prefix. Default: data.shards_uri."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
+    ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        "-j",
+        min=0,
+        help="Worker processes; 0 = in-process. Default: data.num_workers if the config sets it, else all cores.",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Decode, resize and Lab-encode images into Parquet shards (incremental, deduplicated, bad files quarantined).
+
+    Exit code 0 when the run completed (quarantined files are listed), 1 on a storage or dataset failure, 2 on a
+    bad configuration.
+    """
+    from pathlib import Path
+
+    from ddcolor.config import ConfigError, load_config
+    from ddcolor.data.ingest import IngestError, ingest
+    from ddcolor.storage import StorageError
+
+    try:
+        path = config if config is not None else ("params.yaml" if Path("params.yaml").is_file() else None)
+        cfg = load_config(path, overrides=overrides or [])
+    except ConfigError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        report = ingest(source, dest, cfg, num_workers=workers, progress=progress)
+    except (StorageError, IngestError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.summary())
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(

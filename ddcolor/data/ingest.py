@@ -1,0 +1,673 @@
+"""Ingestion: raw images (a local folder or ``s3://`` prefix) -> a Lab Parquet shard dataset (local or ``s3://``).
+
+Layout of a dataset at DEST::
+
+    manifest.json                       # the dataset: written last, atomically; lists every shard
+    quarantine.json                     # rejected inputs with reasons, accumulated across runs
+    shards/part-00000-<hash8>.parquet   # rows in `ddcolor.data.shards.SHARD_SCHEMA`; hash8 = file sha256[:8]
+
+Manifest (``format_version`` 1)::
+
+    {"format": "ddcolor-shards", "format_version": 1, "created_at": "<iso UTC>",
+     "config": {"size": 256, "resize_mode": "resize", "val_fraction": 0.05, "min_colorfulness": 15.0},
+     "shards": [{"path": "shards/part-00000-1a2b3c4d.parquet", "rows": 1024, "bytes": 123, "sha256": "<hex>",
+                 "splits": {"train": 970, "val": 54}, "low_colorfulness": 12}],
+     "counts": {"rows": 1024, "train": 970, "val": 54, "low_colorfulness": 12, "shards": 1}}
+
+Readers use only the shards the manifest lists: a shard left by an interrupted run is ignored (and logged).
+
+Quarantine: ``{"format": "ddcolor-quarantine", "format_version": 1, "entries": [{"source_uri", "sha256" (null if
+the file could not be read), "reason", "quarantined_at"}]}``; one entry per (source_uri, sha256), dropped once that
+content is ingested (e.g. after raising ``data.max_image_pixels``).
+
+Each run: list SOURCE, hash every file (sha256 of its bytes), skip content already in DEST's shards or earlier in
+this run (duplicates), decode the rest in a process pool (EXIF orientation, ICC -> sRGB via `ddcolor.imageio`),
+resize (``data.resize_mode``), encode Lab, and append new shards. Re-running on the same source adds nothing and
+leaves every file untouched; adding images adds only those. Always ``inputs == ingested + duplicates +
+quarantined``; one bad file never stops a run, an infrastructure failure (S3 unreachable after retries) does,
+and a rerun then completes it without duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ddcolor import storage
+from ddcolor.color import colorfulness_np
+from ddcolor.config import Config, DataConfig
+from ddcolor.data.shards import SHARD_SCHEMA, encode_lab, split_for
+from ddcolor.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, to_uint
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MIN_SIDE",
+    "QUARANTINE_NAME",
+    "SHARDS_DIR",
+    "IngestError",
+    "IngestReport",
+    "QuarantineEntry",
+    "decode_image_bytes",
+    "ingest",
+    "load_manifest",
+    "load_quarantine",
+    "prepare_image",
+    "shard_uris",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ddcolor-shards"
+FORMAT_VERSION = 1
+QUARANTINE_FORMAT = "ddcolor-quarantine"
+MANIFEST_NAME = "manifest.json"
+QUARANTINE_NAME = "quarantine.json"
+SHARDS_DIR = "shards"
+MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotation) are quarantined
+ROW_GROUP_ROWS = 64  # rows per Parquet row group: small enough to stream, large enough to compress
+TASK_BATCH = 4  # files per task sent to a worker process
+_CONFIG_KEYS = ("size", "resize_mode", "val_fraction", "min_colorfulness")
+
+
+class IngestError(Exception):
+    """A dataset-level problem: a damaged or incompatible dataset at DEST, or a worker process that died."""
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """An input that was not ingested, and why."""
+
+    source_uri: str
+    sha256: str | None
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    """What one `ingest` run did. ``inputs == ingested + duplicates + len(quarantined)`` always holds.
+
+    Attributes:
+        dataset_uri: DEST.
+        inputs: image files found under SOURCE (names with an image extension, hidden files excluded).
+        ingested: new rows written.
+        duplicates: inputs whose content was already in the dataset (or earlier in this run).
+        quarantined: the rejected inputs, with reasons.
+        new_shards: manifest paths (relative to DEST) of the shards this run added.
+        total_rows: rows in the dataset after the run.
+        skipped: files under SOURCE that are not counted as inputs (no image extension, or hidden).
+        seconds: wall time.
+    """
+
+    dataset_uri: str
+    inputs: int = 0
+    ingested: int = 0
+    duplicates: int = 0
+    quarantined: list[QuarantineEntry] = field(default_factory=list)
+    new_shards: list[str] = field(default_factory=list)
+    total_rows: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def balanced(self) -> bool:
+        return self.inputs == self.ingested + self.duplicates + len(self.quarantined)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.inputs} inputs: {self.ingested} ingested, {self.duplicates} duplicates, "
+            f"{len(self.quarantined)} quarantined ({self.seconds:.1f} s)",
+            f"dataset: {self.dataset_uri} ({self.total_rows} rows; {len(self.new_shards)} new shards)",
+        ]
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} non-image or hidden files")
+        if self.quarantined:
+            lines.append(f"quarantined (listed in {storage.join(self.dataset_uri, QUARANTINE_NAME)}):")
+            lines.extend(f"  {q.source_uri}: {q.reason}" for q in self.quarantined)
+        return "\n".join(lines)
+
+
+# --- image preparation -----------------------------------------------------------------------------------
+
+
+def _ingest_reason(reason: str) -> str:
+    """imageio's reasons mention the colorize CLI's --max-pixels; here the knob is data.max_image_pixels."""
+    return reason.replace("Raise --max-pixels (0 = no limit)", "Raise data.max_image_pixels (null = no limit)").replace(
+        "--max-pixels limit", "data.max_image_pixels limit"
+    )
+
+
+def decode_image_bytes(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
+    """Decode image file bytes exactly like `ddcolor.imageio.read_image` (EXIF orientation, ICC -> sRGB).
+
+    Args:
+        data: the file content. name: its name (for the extension and messages). max_pixels: bomb guard.
+
+    Returns:
+        float32 (H, W, 3) sRGB in [0, 1], upright.
+
+    Raises:
+        ImageReadError: with the same reasons as `read_image`.
+    """
+    suffix = Path(name).suffix if Path(name).suffix.lower() in IMAGE_EXTENSIONS else ".img"
+    with tempfile.TemporaryDirectory(prefix="ddcolor-decode-") as tmp:
+        path = Path(tmp) / f"input{suffix}"
+        path.write_bytes(data)
+        try:
+            return read_image(path, max_pixels).rgb
+        except ImageReadError as err:
+            raise ImageReadError(name, err.reason) from None
+
+
+def prepare_image(rgb: np.ndarray, size: int, resize_mode: str) -> np.ndarray:
+    """float (H, W, 3) sRGB in [0, 1] -> uint8 (size, size, 3) sRGB.
+
+    ``resize``: direct resize to size x size (the official recipe; aspect ratio not kept). ``center_crop``: the
+    short side to ``size`` (aspect kept), then the central size x size square. Antialiased bicubic resampling.
+    """
+    im = Image.fromarray(to_uint(rgb, 8), mode="RGB") if rgb.dtype != np.uint8 else Image.fromarray(rgb)
+    width, height = im.size
+    if resize_mode == "resize":
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    elif resize_mode == "center_crop":
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    else:
+        raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'resize' or 'center_crop'")
+    return np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
+
+
+# --- per-file work (runs in worker processes) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Params:
+    size: int
+    resize_mode: str
+    max_pixels: int | None
+
+
+@dataclass
+class _Outcome:
+    kind: str  # "row" | "duplicate" | "quarantine"
+    uri: str
+    sha256: str | None = None
+    reason: str = ""
+    L: bytes = b""
+    ab: bytes = b""
+    colorfulness: float = 0.0
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _configure(params: _Params, known: frozenset[str]) -> None:
+    _STATE["params"] = params
+    _STATE["known"] = known
+
+
+_ENV_PREFIXES = ("AWS_", "DDCOLOR_")
+
+
+def _storage_env() -> dict[str, str]:
+    """The environment that storage reads (endpoint, credentials, retries), to hand to worker processes."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+
+
+def _init_worker(params: _Params, known: frozenset[str], env: dict[str, str]) -> None:
+    # A forkserver child inherits the environment of the moment the server started, not of now: use the parent's.
+    for name in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in env]:
+        del os.environ[name]
+    os.environ.update(env)
+    _configure(params, known)
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # one process per core already
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _process(uri: str) -> _Outcome:
+    params: _Params = _STATE["params"]
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as err:
+        if storage.is_s3(uri) and not isinstance(err, storage.StorageNotFoundError):
+            raise  # infrastructure: stop the run (a rerun completes it)
+        return _Outcome("quarantine", uri, reason=f"cannot read: {err.reason}")
+    sha = hashlib.sha256(data).hexdigest()
+    if sha in _STATE["known"]:
+        return _Outcome("duplicate", uri, sha)
+    try:
+        if storage.is_s3(uri):
+            rgb = decode_image_bytes(data, uri, params.max_pixels)
+        elif not data:
+            raise ImageReadError(uri, "empty file (0 bytes)")
+        else:
+            rgb = read_image(uri, params.max_pixels).rgb
+        height, width = rgb.shape[:2]
+        if min(height, width) < MIN_SIDE:
+            return _Outcome(
+                "quarantine", uri, sha, reason=f"too small: {width}x{height} px; need at least {MIN_SIDE} px a side"
+            )
+        img = prepare_image(rgb, params.size, params.resize_mode)
+        lightness, ab = encode_lab(img)
+        return _Outcome("row", uri, sha, L=lightness, ab=ab, colorfulness=colorfulness_np(img))
+    except ImageReadError as err:
+        return _Outcome("quarantine", uri, sha, reason=_ingest_reason(err.reason))
+    except Exception as err:  # one bad file never stops the run
+        log.debug("unexpected error on %s", uri, exc_info=True)
+        return _Outcome("quarantine", uri, sha, reason=f"cannot decode ({type(err).__name__}: {err})")
+
+
+def _process_batch(uris: list[str]) -> list[_Outcome]:
+    return [_process(uri) for uri in uris]
+
+
+def _outcomes(inputs: list[str], params: _Params, known: frozenset[str], workers: int) -> Iterator[_Outcome]:
+    """Outcomes in input order, from ``workers`` processes (0: this process), with a bounded queue."""
+    if workers <= 0 or len(inputs) <= 1:
+        _configure(params, known)
+        for uri in inputs:
+            yield _process(uri)
+        return
+    batches = [inputs[i : i + TASK_BATCH] for i in range(0, len(inputs), TASK_BATCH)]
+    workers = min(workers, len(batches))
+    ctx = multiprocessing.get_context("forkserver")  # no fork of a process that holds threads (torch, boto3)
+    ctx.set_forkserver_preload([__name__])
+    executor = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(params, known, _storage_env())
+    )
+    pending: deque[Future[list[_Outcome]]] = deque()
+    todo = iter(batches)
+    try:
+        for batch in todo:
+            pending.append(executor.submit(_process_batch, batch))
+            if len(pending) >= 4 * workers:
+                break
+        while pending:
+            results = pending.popleft().result()
+            batch = next(todo, None)
+            if batch is not None:
+                pending.append(executor.submit(_process_batch, batch))
+            yield from results
+    except BrokenProcessPool as err:
+        raise IngestError(f"a worker process died ({err}); out of memory? Lower data.num_workers and rerun") from err
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# --- dataset files ---------------------------------------------------------------------------------------
+
+
+def load_manifest(dest: str) -> dict[str, Any] | None:
+    """The manifest of the dataset at ``dest``, or None when there is none yet.
+
+    Raises:
+        IngestError: a manifest of another format or version. StorageError: storage failures.
+    """
+    try:
+        manifest = storage.read_json(storage.join(dest, MANIFEST_NAME))
+    except storage.StorageNotFoundError:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IngestError(f"{storage.join(dest, MANIFEST_NAME)}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IngestError(
+            f"{storage.join(dest, MANIFEST_NAME)}: format_version {manifest.get('format_version')} is not supported "
+            f"(this ddcolor reads {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def shard_uris(dest: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Full URIs of the shards the manifest at ``dest`` lists, in order (empty without a manifest)."""
+    manifest = load_manifest(dest) if manifest is None else manifest
+    return [storage.join(dest, s["path"]) for s in (manifest or {}).get("shards", [])]
+
+
+def load_quarantine(dest: str) -> list[dict[str, Any]]:
+    """The quarantine entries at ``dest`` (empty when there is no quarantine.json)."""
+    try:
+        data = storage.read_json(storage.join(dest, QUARANTINE_NAME))
+    except storage.StorageNotFoundError:
+        return []
+    if not isinstance(data, dict) or data.get("format") != QUARANTINE_FORMAT:
+        raise IngestError(f"{storage.join(dest, QUARANTINE_NAME)}: not a {QUARANTINE_FORMAT} file")
+    return list(data.get("entries", []))
+
+
+def _known_hashes(dest: str, manifest: dict[str, Any] | None) -> frozenset[str]:
+    import pyarrow.parquet as pq
+
+    hashes: set[str] = set()
+    for uri in shard_uris(dest, manifest) if manifest else []:
+        try:
+            with storage.open_input_file(uri) as fh:
+                hashes.update(pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist())
+        except storage.StorageNotFoundError:
+            raise IngestError(f"{uri}: listed in the manifest but missing; the dataset at {dest} is damaged") from None
+    return frozenset(hashes)
+
+
+def _check_compatible(manifest: dict[str, Any] | None, cfg: DataConfig, dest: str) -> None:
+    if manifest is None:
+        return
+    have = manifest.get("config", {})
+    diff = [
+        f"data.{k}={getattr(cfg, k)!r} (dataset: {have.get(k)!r})"
+        for k in _CONFIG_KEYS
+        if have.get(k) != getattr(cfg, k)
+    ]
+    if diff:
+        raise IngestError(
+            f"{dest} was built with other settings: {', '.join(diff)}. Use a new --dest, or the dataset's settings."
+        )
+
+
+def _orphans(dest: str, manifest: dict[str, Any] | None) -> list[str]:
+    listed = set(shard_uris(dest, manifest)) if manifest else set()
+    try:
+        found = storage.list_files(storage.join(dest, SHARDS_DIR), suffixes=[".parquet"])
+    except storage.StorageNotFoundError:
+        return []
+    return [uri for uri in found if uri not in listed]
+
+
+class _ShardWriter:
+    """Streams rows into Parquet shards of ``shard_rows`` rows (row groups of ROW_GROUP_ROWS) and uploads each."""
+
+    def __init__(
+        self, dest: str, first_index: int, shard_rows: int, size: int, tmpdir: Path, ingested_at: datetime
+    ) -> None:
+        self.dest, self.index, self.shard_rows, self.size, self.tmpdir = dest, first_index, shard_rows, size, tmpdir
+        self.ingested_at = ingested_at
+        self.entries: list[dict[str, Any]] = []
+        self._writer: Any = None
+        self._buffer: list[tuple[_Outcome, str, bool]] = []
+        self._rows = 0
+        self._splits = {"train": 0, "val": 0}
+        self._low = 0
+
+    def add(self, outcome: _Outcome, split: str, low: bool) -> None:
+        self._buffer.append((outcome, split, low))
+        self._rows += 1
+        self._splits[split] += 1
+        self._low += int(low)
+        if len(self._buffer) >= ROW_GROUP_ROWS:
+            self._write_group()
+        if self._rows >= self.shard_rows:
+            self._finish()
+
+    def close(self) -> None:
+        if self._rows:
+            self._finish()
+
+    def _write_group(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buffer:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.tmpdir / "shard.parquet",
+                SHARD_SCHEMA,
+                compression="zstd",
+                use_dictionary=["split"],
+                write_statistics=["sha256", "split", "height", "width", "colorfulness", "low_colorfulness"],
+            )
+        size, n = self.size, len(self._buffer)
+        table = pa.Table.from_pydict(
+            {
+                "sha256": [o.sha256 for o, _, _ in self._buffer],
+                "source_uri": [o.uri for o, _, _ in self._buffer],
+                "split": [s for _, s, _ in self._buffer],
+                "height": [size] * n,
+                "width": [size] * n,
+                "L": [o.L for o, _, _ in self._buffer],
+                "ab": [o.ab for o, _, _ in self._buffer],
+                "colorfulness": [o.colorfulness for o, _, _ in self._buffer],
+                "low_colorfulness": [low for _, _, low in self._buffer],
+                "ingested_at": [self.ingested_at] * n,
+            },
+            schema=SHARD_SCHEMA,
+        )
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self._buffer.clear()
+
+    def _finish(self) -> None:
+        self._write_group()
+        self._writer.close()
+        self._writer = None
+        path = self.tmpdir / "shard.parquet"
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        sha = digest.hexdigest()
+        rel = f"{SHARDS_DIR}/part-{self.index:05d}-{sha[:8]}.parquet"
+        storage.upload_file(path, storage.join(self.dest, rel))
+        self.entries.append(
+            {
+                "path": rel,
+                "rows": self._rows,
+                "bytes": path.stat().st_size,
+                "sha256": sha,
+                "splits": dict(self._splits),
+                "low_colorfulness": self._low,
+            }
+        )
+        log.info("wrote %s (%d rows)", storage.join(self.dest, rel), self._rows)
+        path.unlink()
+        self.index += 1
+        self._rows, self._splits, self._low = 0, {"train": 0, "val": 0}, 0
+
+
+def _manifest(cfg: DataConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    counts = {
+        "rows": sum(s["rows"] for s in shards),
+        "train": sum(s["splits"]["train"] for s in shards),
+        "val": sum(s["splits"]["val"] for s in shards),
+        "low_colorfulness": sum(s["low_colorfulness"] for s in shards),
+        "shards": len(shards),
+    }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {k: getattr(cfg, k) for k in _CONFIG_KEYS},
+        "shards": shards,
+        "counts": counts,
+    }
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+def _data_config(config: DataConfig | Config | None) -> DataConfig:
+    if config is None:
+        return DataConfig()
+    return config.data if isinstance(config, Config) else config
+
+
+def _default_workers(cfg: DataConfig) -> int:
+    if "num_workers" in cfg.model_fields_set:
+        return cfg.num_workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _list_inputs(source: str) -> tuple[list[str], int]:
+    root = source if storage.is_s3(source) else str(Path(source).resolve())
+    files = storage.list_files(root)
+    prefix = root.rstrip("/") + "/"
+    inputs = []
+    for uri in files:
+        rel = uri[len(prefix) :] if uri.startswith(prefix) else Path(uri).name
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if Path(rel).suffix.lower() in IMAGE_EXTENSIONS:
+            inputs.append(uri)
+    return inputs, len(files) - len(inputs)
+
+
+def ingest(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | None = None,
+    config: DataConfig | Config | None = None,
+    *,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> IngestReport:
+    """Ingest the images under ``source`` into the shard dataset at ``dest`` (incremental, idempotent).
+
+    Args:
+        source: a local folder or ``s3://bucket/prefix``; searched recursively for image extensions
+            (jpg, jpeg, png, webp, tif, tiff, bmp, ...), hidden files and folders excluded.
+        dest: a local folder or ``s3://bucket/prefix``; default ``data.shards_uri``.
+        config: the data settings (`DataConfig` or the whole `Config`); default: built-in defaults. Uses size,
+            resize_mode, val_fraction, shard_rows, min_colorfulness, max_image_pixels, num_workers.
+        num_workers: worker processes for decode/resize/encode; 0 = this process. Default: ``data.num_workers``
+            when the config sets it explicitly, else all available cores.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The `IngestReport` (quarantined files included; they are also in DEST's quarantine.json).
+
+    Raises:
+        IngestError: DEST holds a dataset built with another size/resize_mode/val_fraction/min_colorfulness, or is
+            damaged; a worker process died.
+        StorageError: SOURCE or DEST unreachable (after retries), missing, or access denied. Nothing is committed
+            then (no manifest change); shards already uploaded are ignored, and a rerun completes the dataset.
+    """
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    started = time.monotonic()
+    cfg = _data_config(config)
+    source, dest = str(source), str(dest if dest is not None else cfg.shards_uri)
+    if not storage.is_s3(dest):
+        dest = str(Path(dest).resolve())
+    workers = _default_workers(cfg) if num_workers is None else num_workers
+    ingested_at = datetime.now(UTC)
+
+    manifest = load_manifest(dest)
+    _check_compatible(manifest, cfg, dest)
+    known = _known_hashes(dest, manifest)
+    orphans = _orphans(dest, manifest)
+    if orphans:
+        log.warning(
+            "%d shard files under %s are not in the manifest (left by an interrupted run) and are ignored; "
+            "they can be deleted",
+            len(orphans),
+            storage.join(dest, SHARDS_DIR),
+        )
+    inputs, skipped = _list_inputs(source)
+    old_shards = list((manifest or {}).get("shards", []))
+    log.info(
+        "ingest %s -> %s: %d image files (%d other files skipped); dataset has %d rows in %d shards; %d workers",
+        source,
+        dest,
+        len(inputs),
+        skipped,
+        len(known),
+        len(old_shards),
+        workers,
+    )
+
+    if not inputs:
+        log.warning("no image files under %s (extensions: %s)", source, ", ".join(sorted(IMAGE_EXTENSIONS)))
+    report = IngestReport(dataset_uri=dest, inputs=len(inputs), skipped=skipped)
+    params = _Params(cfg.size, cfg.resize_mode, cfg.max_image_pixels)
+    seen: set[str] = set(known)
+    new_hashes: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="ddcolor-ingest-") as tmp:
+        writer = _ShardWriter(dest, len(old_shards), cfg.shard_rows, cfg.size, Path(tmp), ingested_at)
+        bar = tqdm(total=len(inputs), unit="img", desc="ingest", disable=not progress, dynamic_ncols=True)
+        outcomes = _outcomes(inputs, params, known, workers)
+        # closing(): on a failure the worker pool stops now, not when the traceback is collected
+        with bar, contextlib.closing(outcomes), logging_redirect_tqdm() if progress else contextlib.nullcontext():
+            for outcome in outcomes:
+                bar.update(1)
+                if outcome.kind == "duplicate" or (outcome.kind == "row" and outcome.sha256 in seen):
+                    report.duplicates += 1
+                    log.debug("duplicate: %s (%s)", outcome.uri, outcome.sha256)
+                elif outcome.kind == "quarantine":
+                    report.quarantined.append(QuarantineEntry(outcome.uri, outcome.sha256, outcome.reason))
+                    log.warning("quarantined %s: %s", outcome.uri, outcome.reason)
+                else:
+                    seen.add(outcome.sha256)
+                    new_hashes.add(outcome.sha256)
+                    writer.add(
+                        outcome,
+                        split_for(outcome.sha256, cfg.val_fraction),
+                        outcome.colorfulness < cfg.min_colorfulness,
+                    )
+                    report.ingested += 1
+            writer.close()
+
+    # commit: quarantine first, manifest last (atomic), so a reader never sees a half-written dataset
+    _update_quarantine(dest, report.quarantined, new_hashes, ingested_at)
+    shards = old_shards + writer.entries
+    if writer.entries or manifest is None:
+        storage.write_json(storage.join(dest, MANIFEST_NAME), _manifest(cfg, shards))
+    report.new_shards = [e["path"] for e in writer.entries]
+    report.total_rows = sum(s["rows"] for s in shards)
+    report.seconds = time.monotonic() - started
+    assert report.balanced, report
+    log.info(
+        "ingest done: %d inputs = %d ingested + %d duplicates + %d quarantined; %d rows in %s",
+        report.inputs,
+        report.ingested,
+        report.duplicates,
+        len(report.quarantined),
+        report.total_rows,
+        dest,
+    )
+    return report
+
+
+def _update_quarantine(dest: str, new: Sequence[QuarantineEntry], ingested: set[str], when: datetime) -> None:
+    existing = load_quarantine(dest)
+    entries = [e for e in existing if e.get("sha256") not in ingested]
+    keys = {(e.get("source_uri"), e.get("sha256")) for e in entries}
+    for q in new:
+        if (q.source_uri, q.sha256) not in keys:
+            keys.add((q.source_uri, q.sha256))
+            entries.append(
+                {
+                    "source_uri": q.source_uri,
+                    "sha256": q.sha256,
+                    "reason": q.reason,
+                    "quarantined_at": when.isoformat(timespec="seconds"),
+                }
+            )
+    if entries != existing or (not existing and not storage.exists(storage.join(dest, QUARANTINE_NAME))):
+        storage.write_json(
+            storage.join(dest, QUARANTINE_NAME),
+            {"format": QUARANTINE_FORMAT, "format_version": FORMAT_VERSION, "entries": entries},
+        )

@@ -1,0 +1,397 @@
+"""Ingestion: local and S3 sources/destinations, quarantine, dedup, incremental runs, S3 faults, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import ImageCorpus, make_bucket, make_random_images, random_color_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from ddcolor import storage
+from ddcolor.cli import app
+from ddcolor.color import colorfulness_np
+from ddcolor.config import DataConfig
+from ddcolor.data.ingest import IngestError, ingest, load_manifest, load_quarantine
+from ddcolor.data.shards import SHARD_SCHEMA, decode_lab, split_for
+
+SIZE = 64
+
+
+def _cfg(corpus: ImageCorpus | None = None, **changes) -> DataConfig:
+    values = {"size": SIZE, "shard_rows": 4, "val_fraction": 0.3}
+    if corpus is not None:
+        values["max_image_pixels"] = corpus.max_pixels
+    return DataConfig(**{**values, **changes})
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _dataset(dest: str) -> tuple[dict, list[dict]]:
+    """The manifest and all rows, after checking every shard against its manifest entry."""
+    manifest = load_manifest(dest)
+    assert manifest is not None
+    rows: list[dict] = []
+    for entry in manifest["shards"]:
+        assert entry["path"].startswith("shards/part-") and entry["path"].endswith(".parquet")
+        data = storage.read_bytes(storage.join(dest, entry["path"]))
+        digest = hashlib.sha256(data).hexdigest()
+        assert (entry["sha256"], entry["bytes"]) == (digest, len(data))
+        assert entry["path"].split("-")[-1] == f"{digest[:8]}.parquet"
+        with storage.open_input_file(storage.join(dest, entry["path"])) as fh:
+            pf = pq.ParquetFile(fh)
+            assert pf.schema_arrow.equals(SHARD_SCHEMA)
+            assert all(pf.metadata.row_group(i).num_rows <= 64 for i in range(pf.num_row_groups))
+            shard = pf.read().to_pylist()
+        assert entry["rows"] == len(shard)
+        assert entry["splits"] == {s: sum(r["split"] == s for r in shard) for s in ("train", "val")}
+        assert entry["low_colorfulness"] == sum(r["low_colorfulness"] for r in shard)
+        rows.extend(shard)
+    counts = manifest["counts"]
+    assert counts["rows"] == len(rows) and counts["shards"] == len(manifest["shards"])
+    assert counts["train"] + counts["val"] == len(rows)
+    assert counts["low_colorfulness"] == sum(r["low_colorfulness"] for r in rows)
+    assert len({r["sha256"] for r in rows}) == len(rows), "duplicate rows"
+    return manifest, rows
+
+
+def _check_corpus_result(report, rows, quarantine, corpus: ImageCorpus, source_uri) -> None:
+    assert report.balanced
+    assert (report.inputs, report.ingested, report.duplicates) == (len(corpus.all), len(corpus.good), 0)
+    by_uri = {q.source_uri: q.reason for q in report.quarantined}
+    assert set(by_uri) == {source_uri(p) for p in corpus.bad}
+    for path, keyword in corpus.bad.items():
+        assert keyword in by_uri[source_uri(path)].lower(), (path.name, by_uri[source_uri(path)])
+    assert "32 px" in by_uri[source_uri(corpus.root / "tiny.png")]  # the threshold is named
+    assert {e["source_uri"]: e["reason"] for e in quarantine} == by_uri
+    assert all(e["sha256"] for e in quarantine)  # every bad file was readable (even the empty one)
+    assert {r["source_uri"]: r["sha256"] for r in rows} == {source_uri(p): _sha(p) for p in corpus.good}
+
+
+def test_local_ingest_of_good_and_bad_images(bad_image_corpus: ImageCorpus, tmp_path):
+    corpus = bad_image_corpus
+    dest = str(tmp_path / "ds")
+    report = ingest(corpus.root, dest, _cfg(corpus), num_workers=0)
+
+    manifest, rows = _dataset(dest)
+    _check_corpus_result(report, rows, load_quarantine(dest), corpus, lambda p: str(p.resolve()))
+    assert manifest["format"] == "ddcolor-shards" and manifest["format_version"] == 1
+    assert manifest["config"] == {"size": SIZE, "resize_mode": "resize", "val_fraction": 0.3, "min_colorfulness": 15.0}
+    assert [s["rows"] for s in manifest["shards"]] == [4] * (len(corpus.good) // 4) + (
+        [len(corpus.good) % 4] if len(corpus.good) % 4 else []
+    )
+    assert report.total_rows == len(corpus.good) and len(report.new_shards) == len(manifest["shards"])
+    for row in rows:
+        assert (row["height"], row["width"]) == (SIZE, SIZE)
+        lightness, ab = decode_lab(row["L"], row["ab"], SIZE, SIZE)
+        assert lightness.min() >= 0.0 and lightness.max() <= 100.0 and np.abs(ab).max() <= 128
+        assert row["split"] == split_for(row["sha256"], 0.3)
+        assert row["low_colorfulness"] == (row["colorfulness"] < 15.0)
+        assert row["ingested_at"].tzinfo is not None
+    assert {r["split"] for r in rows} == {"train", "val"}
+    # the low-colorfulness flag: the gray photo yes, the colorful images no
+    flag = {r["source_uri"]: r["low_colorfulness"] for r in rows}
+    assert flag[str(corpus.gray.resolve())] is True
+    assert not any(flag[str(p.resolve())] for p in corpus.colorful)
+    assert "quarantined" in report.summary() and "notes.jpg" in report.summary()
+
+
+def test_rerun_is_idempotent_and_new_images_are_appended(bad_image_corpus: ImageCorpus, tmp_path):
+    corpus = bad_image_corpus
+    dest = tmp_path / "ds"
+    cfg = _cfg(corpus)
+    ingest(corpus.root, dest, cfg, num_workers=0)
+    files_before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dest.rglob("*") if p.is_file()}
+
+    again = ingest(corpus.root, dest, cfg, num_workers=0)
+    assert (again.ingested, again.duplicates, len(again.quarantined)) == (0, len(corpus.good), len(corpus.bad))
+    assert again.new_shards == []
+    files_after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dest.rglob("*") if p.is_file()}
+    assert files_after == files_before  # nothing rewritten: manifest, quarantine and shards identical
+
+    new = make_random_images(corpus.root / "more", 5, start_seed=5000)
+    (corpus.root / "more" / "copy_of_astronaut.jpg").write_bytes((corpus.root / "astronaut.jpg").read_bytes())
+    grown = ingest(corpus.root, dest, cfg, num_workers=0)
+    assert (grown.ingested, grown.duplicates, len(grown.quarantined)) == (5, len(corpus.good) + 1, len(corpus.bad))
+    manifest, rows = _dataset(str(dest))
+    assert len(rows) == len(corpus.good) + 5
+    old_paths = [str(p.relative_to(dest)) for p in files_before if p.parent.name == "shards"]
+    assert [s["path"] for s in manifest["shards"]][: len(old_paths)] == sorted(old_paths)
+    assert grown.new_shards == [s["path"] for s in manifest["shards"][len(old_paths) :]]
+    assert sum(s["rows"] for s in manifest["shards"][len(old_paths) :]) == 5
+    for path in old_paths:  # old shards untouched
+        assert (dest / path).read_bytes() == files_before[dest / path][0]
+    new_rows = {r["sha256"] for r in rows if r["source_uri"].startswith(str((corpus.root / "more").resolve()))}
+    assert new_rows == {_sha(p) for p in new}
+    assert len(load_quarantine(str(dest))) == len(corpus.bad)  # not repeated across runs
+
+
+def test_duplicates_under_other_names_are_skipped(tmp_path):
+    src = tmp_path / "src"
+    first, second = make_random_images(src, 2)
+    (src / "a_copy.png").write_bytes(first.read_bytes())
+    (src / "sub").mkdir()
+    (src / "sub" / "b_copy.png").write_bytes(second.read_bytes())
+    (src / ".hidden.png").write_bytes(first.read_bytes())  # hidden: not an input
+    (src / "README.txt").write_text("not an image extension: not an input")
+    report = ingest(src, tmp_path / "ds", _cfg(), num_workers=0)
+    assert (report.inputs, report.ingested, report.duplicates, report.skipped) == (4, 2, 2, 2)
+    _, rows = _dataset(str(tmp_path / "ds"))
+    # the first in sorted order wins
+    assert sorted(Path(r["source_uri"]).name for r in rows) == ["a_copy.png", "rand_01001.png"]
+
+
+def test_split_is_deterministic_across_datasets(tmp_path):
+    make_random_images(tmp_path / "src", 12)
+    splits = []
+    for name in ("one", "two"):
+        ingest(tmp_path / "src", tmp_path / name, _cfg(val_fraction=0.5), num_workers=0)
+        splits.append({r["sha256"]: r["split"] for r in _dataset(str(tmp_path / name))[1]})
+    assert splits[0] == splits[1]
+    assert set(splits[0].values()) == {"train", "val"}
+
+
+def test_resize_modes_and_exif_orientation(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    # 128x64 (w x h): left quarter red, the rest blue
+    wide = np.zeros((64, 128, 3), np.uint8)
+    wide[:, :32] = (220, 20, 20)
+    wide[:, 32:] = (20, 20, 220)
+    Image.fromarray(wide).save(src / "wide.png")
+    # stored landscape: left half red, right half blue; EXIF orientation 6 (rotate 90 degrees clockwise to show)
+    # -> upright: red on top, blue at the bottom
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:, :48] = (220, 20, 20)
+    stored[:, 48:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(src / "rotated.png", exif=exif.tobytes())
+
+    results = {}
+    for mode in ("resize", "center_crop"):
+        dest = tmp_path / mode
+        ingest(src, dest, _cfg(resize_mode=mode), num_workers=0)
+        manifest, rows = _dataset(str(dest))
+        assert manifest["config"]["resize_mode"] == mode
+        for row in rows:
+            assert (row["height"], row["width"]) == (SIZE, SIZE)
+            results[mode, Path(row["source_uri"]).stem] = decode_lab(row["L"], row["ab"], SIZE, SIZE)[1]
+    # b*: red is yellowish (b > 0), blue is strongly negative
+    b_resize, b_crop = results["resize", "wide"][1], results["center_crop", "wide"][1]
+    assert b_resize[:, :8].mean() > 20  # resize keeps the red quarter (squeezed)
+    assert b_crop.max() < 0  # the center crop of a 2:1 image drops the outer quarters: no red left
+    for mode in ("resize", "center_crop"):
+        b = results[mode, "rotated"][1]
+        assert b[:8].mean() > 20 and b[-8:].mean() < -50  # red on top: the EXIF rotation was applied
+
+
+def test_incompatible_dataset_is_refused(tmp_path):
+    make_random_images(tmp_path / "src", 2)
+    ingest(tmp_path / "src", tmp_path / "ds", _cfg(), num_workers=0)
+    with pytest.raises(IngestError, match=r"data.size=128 \(dataset: 64\)"):
+        ingest(tmp_path / "src", tmp_path / "ds", _cfg(size=128), num_workers=0)
+
+
+def test_all_bad_source_still_writes_an_empty_dataset(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "x.jpg").write_bytes(b"")
+    report = ingest(tmp_path / "src", tmp_path / "ds", _cfg(), num_workers=0)
+    assert (report.inputs, report.ingested, len(report.quarantined)) == (1, 0, 1)
+    manifest, rows = _dataset(str(tmp_path / "ds"))
+    assert rows == [] and manifest["counts"]["shards"] == 0
+
+
+# --- S3 ----------------------------------------------------------------------------------------------------
+
+
+def _client(endpoint: str):
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
+    )
+
+
+def _upload_tree(root: Path, bucket: str, prefix: str, endpoint: str) -> None:
+    client = _client(endpoint)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            client.put_object(
+                Bucket=bucket, Key=f"{prefix}/{path.relative_to(root).as_posix()}", Body=path.read_bytes()
+            )
+
+
+def _snapshot(endpoint: str, bucket: str) -> dict[str, bytes]:
+    client = _client(endpoint)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def _restore(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
+    """Re-create the bucket and its objects after a restart (moto keeps state in memory; MinIO would not lose it)."""
+    make_bucket(endpoint, bucket)
+    client = _client(endpoint)
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_local_to_s3_and_s3_to_s3(bad_image_corpus: ImageCorpus, s3_env: str, s3_server, tmp_path):
+    corpus = bad_image_corpus
+    cfg = _cfg(corpus)
+    local = str(tmp_path / "local")
+    ingest(corpus.root, local, cfg, num_workers=0)
+    _, local_rows = _dataset(local)
+
+    dest = f"s3://{s3_env}/from-local"
+    report = ingest(corpus.root, dest, cfg, num_workers=0)
+    _, rows = _dataset(dest)
+    _check_corpus_result(report, rows, load_quarantine(dest), corpus, lambda p: str(p.resolve()))
+
+    _upload_tree(corpus.root, s3_env, "raw", s3_server.endpoint_url)
+    dest = f"s3://{s3_env}/from-s3"
+    report = ingest(f"s3://{s3_env}/raw", dest, cfg, num_workers=2)  # workers read S3 themselves
+    _, rows = _dataset(dest)
+    uri = lambda p: f"s3://{s3_env}/raw/{p.relative_to(corpus.root).as_posix()}"  # noqa: E731
+    _check_corpus_result(report, rows, load_quarantine(dest), corpus, uri)
+    # same pixels whatever the source, the destination and the number of processes
+    expected = {r["sha256"]: (r["L"], r["ab"], r["split"]) for r in local_rows}
+    assert {r["sha256"]: (r["L"], r["ab"], r["split"]) for r in rows} == expected
+    assert storage.list_files(dest) == sorted(
+        [storage.join(dest, "manifest.json"), storage.join(dest, "quarantine.json")]
+        + [storage.join(dest, p) for p in report.new_shards]
+    )
+
+    again = ingest(f"s3://{s3_env}/raw", dest, cfg, num_workers=0)
+    assert (again.ingested, again.duplicates) == (0, len(corpus.good))
+
+
+@pytest.fixture
+def fast_failing_s3(monkeypatch):
+    """One HTTP attempt per botocore call, so every failure reaches ddcolor's own retry loop at once."""
+    monkeypatch.setattr(storage, "BOTOCORE_MAX_ATTEMPTS", 1)
+
+
+def test_s3_server_restart_mid_ingest_is_survived(tmp_path, s3_env, s3_server, monkeypatch, fast_failing_s3):
+    """The server process dies before the 2nd shard upload and comes back: the run waits, retries and completes."""
+    bucket, dest = s3_env, f"s3://{s3_env}/ds"
+    make_random_images(tmp_path / "src", 10)
+    restored = threading.Event()
+    uploads: list[str] = []
+    real_upload = storage.upload_file
+
+    def upload(local, uri):
+        uploads.append(str(uri))
+        if len(uploads) == 2:
+            objects = _snapshot(s3_server.endpoint_url, bucket)
+            s3_server.stop()
+
+            def bring_back():
+                time.sleep(0.5)
+                s3_server.start()
+                _restore(s3_server.endpoint_url, bucket, objects)
+                restored.set()
+
+            threading.Thread(target=bring_back, daemon=True).start()
+        return real_upload(local, uri)
+
+    backoffs: list[float] = []
+
+    def backoff(seconds: float) -> None:
+        # the retry's sleep: real backoff, but never shorter than the restart + restore (so no retry can land on the
+        # fresh, still empty server and get NoSuchBucket)
+        backoffs.append(seconds)
+        time.sleep(min(seconds, 0.2))
+        assert restored.wait(30), "server did not come back"
+
+    monkeypatch.setattr(storage, "upload_file", upload)
+    monkeypatch.setattr(storage, "_sleep", backoff)
+    monkeypatch.setenv(storage.BACKOFF_ENV, "0.2")
+    report = ingest(tmp_path / "src", dest, _cfg(shard_rows=3), num_workers=0)
+
+    assert backoffs, "the upload never failed: the server was not really stopped"
+    assert (report.inputs, report.ingested, report.duplicates, len(report.quarantined)) == (10, 10, 0, 0)
+    manifest, rows = _dataset(dest)
+    assert [s["rows"] for s in manifest["shards"]] == [3, 3, 3, 1]
+    assert {r["sha256"] for r in rows} == {_sha(p) for p in (tmp_path / "src").iterdir()}
+
+
+def test_s3_failure_exits_nonzero_and_rerun_completes(tmp_path, s3_env, s3_server, monkeypatch, fast_failing_s3):
+    """The server dies for good mid-run (retries exhausted: CLI exit 1); after a restart a rerun completes exactly."""
+    bucket, dest = s3_env, f"s3://{s3_env}/ds"
+    make_random_images(tmp_path / "src", 7)
+    (tmp_path / "src" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(storage.RETRIES_ENV, "3")
+    monkeypatch.setenv(storage.BACKOFF_ENV, "0.05")
+    snapshot: dict[str, bytes] = {}
+    real_upload = storage.upload_file
+    uploads: list[str] = []
+
+    def upload(local, uri):
+        uploads.append(str(uri))
+        if len(uploads) == 2:
+            snapshot.update(_snapshot(s3_server.endpoint_url, bucket))
+            s3_server.stop()
+        return real_upload(local, uri)
+
+    monkeypatch.setattr(storage, "upload_file", upload)
+    args = ["ingest", str(tmp_path / "src"), "--dest", dest, "-j", "0", "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "data.size=64", "data.shard_rows=3"])
+    assert result.exit_code == 1, result.output
+    assert "gave up after 3 attempts" in result.output and dest in result.output
+
+    s3_server.start()
+    _restore(s3_server.endpoint_url, bucket, snapshot)  # the first shard survives as an orphan; no manifest
+    assert [k for k in snapshot if k.startswith("ds/")] == [uploads[0].removeprefix(f"s3://{bucket}/")]
+    monkeypatch.setattr(storage, "upload_file", real_upload)
+    report = ingest(tmp_path / "src", dest, _cfg(shard_rows=3), num_workers=0)
+    assert (report.inputs, report.ingested, report.duplicates, len(report.quarantined)) == (8, 7, 0, 1)
+    manifest, rows = _dataset(dest)
+    assert manifest["counts"]["rows"] == 7 and len(rows) == 7
+    assert {r["sha256"] for r in rows} == {_sha(p) for p in (tmp_path / "src").glob("rand_*.png")}
+    assert [e["source_uri"] for e in load_quarantine(dest)] == [str((tmp_path / "src" / "broken.png").resolve())]
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_ingest(bad_image_corpus: ImageCorpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: built-in defaults plus the overrides
+    corpus = bad_image_corpus
+    dest = tmp_path / "ds"
+    args = ["ingest", str(corpus.root), "--dest", str(dest), "-j", "0", "--no-progress"]
+    overrides = ["data.size=64", "data.shard_rows=8", f"data.max_image_pixels={corpus.max_pixels}"]
+    result = CliRunner().invoke(app, [*args, *overrides])
+    assert result.exit_code == 0, result.output
+    n_in, n_good, n_bad = len(corpus.all), len(corpus.good), len(corpus.bad)
+    assert f"{n_in} inputs: {n_good} ingested, 0 duplicates, {n_bad} quarantined" in result.output
+    for path in corpus.bad:
+        assert path.name in result.output
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["counts"]["rows"] == n_good and manifest["config"]["size"] == 64
+
+    result = CliRunner().invoke(app, [*args, "data.sise=64"])
+    assert result.exit_code == 2 and "did you mean 'size'" in result.output
+    result = CliRunner().invoke(app, [*args, "data.size=128"])  # dataset built at 64
+    assert result.exit_code == 1 and "data.size=128" in result.output
+
+
+def test_colorfulness_is_measured_on_the_stored_image(tmp_path):
+    """The stored colorfulness is that of the resized uint8 RGB (here: a flat image resizes to itself)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    image = random_color_image(3, SIZE, SIZE)
+    image.save(src / "x.png")
+    ingest(src, tmp_path / "ds", _cfg(), num_workers=0)
+    (row,) = _dataset(str(tmp_path / "ds"))[1]
+    expected = colorfulness_np(np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)))
+    assert row["colorfulness"] == pytest.approx(expected, rel=1e-5)
