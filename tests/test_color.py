@@ -286,3 +286,13 @@ def test_bad_inputs_raise():
         rgb_to_lab(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         rgb_to_lab(np.zeros((1, 3, 2, 2)))
+
+
+def test_rgb_uint8_to_lab_matches_the_float_path():
+    from ddcolor.color import rgb_uint8_to_lab
+
+    photo = torch.from_numpy(skdata.coffee()).permute(2, 0, 1)[None]  # uint8 (1, 3, H, W)
+    exact = rgb_to_lab(photo.double() / 255)
+    assert torch.allclose(rgb_uint8_to_lab(photo).double(), exact, atol=1e-4)
+    with pytest.raises(TypeError, match="uint8"):
+        rgb_uint8_to_lab(photo.float())

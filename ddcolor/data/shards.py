@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ddcolor.color import rgb_to_lab
+from ddcolor.color import rgb_uint8_to_lab
 
 __all__ = [
     "AB_MAX",
@@ -59,8 +59,7 @@ def encode_lab(rgb: np.ndarray) -> tuple[bytes, bytes]:
     """sRGB uint8 (H, W, 3) -> (L bytes, ab bytes) in the shard encoding above."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected uint8 (H, W, 3) sRGB, got {rgb.dtype} {rgb.shape}")
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].double() / 255.0  # (1, 3, H, W) in [0, 1]
-    lab = rgb_to_lab(x)[0].numpy()  # (3, H, W): L in [0, 100], ab in Lab units
+    lab = rgb_uint8_to_lab(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0].numpy()  # (3, H, W) L*, a*, b*
     lightness = np.clip(np.rint(lab[0] * L_SCALE), 0, 255).astype(np.uint8)
     ab = np.clip(np.rint(lab[1:]), AB_MIN, AB_MAX).astype(np.int8)
     return lightness.tobytes(), ab.tobytes()
