@@ -269,6 +269,9 @@ def validate_command(
     report: bool = typer.Option(
         True, "--report/--no-report", help="Write validation_report.md and validation.json next to the data."
     ),
+    report_dir: str | None = typer.Option(
+        None, "--report-dir", help="Write the reports to this folder or s3:// prefix instead of next to the data."
+    ),
     split_tolerance: float | None = typer.Option(
         None, "--split-tolerance", min=0.0, help="Allowed |val share - val_fraction| beyond sampling noise."
     ),
@@ -317,7 +320,7 @@ def validate_command(
         from ddcolor.storage import StorageError
 
         try:
-            for written in write_reports(result):
+            for written in write_reports(result, report_dir):
                 typer.echo(f"report: {written}")
         except (OSError, StorageError) as err:
             typer.echo(f"WARNING: could not write the report: {err}", err=True)
@@ -371,6 +374,28 @@ def ingest_command(
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(report.summary())
+
+
+# --- samples -------------------------------------------------------------------------------------------
+@app.command("samples")
+def samples_command(
+    out: str = typer.Option(..., "--out", "-o", help="Folder or s3://bucket/prefix to write the JPEG files into."),
+    count: int = typer.Option(48, "--count", "-n", min=1, help="Number of images (photos first, then variants)."),
+) -> None:
+    """Write the built-in sample images: scikit-image photos plus deterministic crops/flips/rescales (offline).
+
+    The same --count always gives the same bytes (stable DVC hashes). Earlier sample files that this run does not
+    write are removed; other files are left alone.
+    """
+    from ddcolor.data.samples import write_samples
+    from ddcolor.storage import StorageError
+
+    try:
+        written = write_samples(out, count)
+    except (StorageError, RuntimeError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {len(written)} sample images to {out}")
 
 
 @app.callback()

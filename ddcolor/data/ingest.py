@@ -522,7 +522,8 @@ def _default_workers(cfg: DataConfig) -> int:
 
 
 def _list_inputs(source: str) -> tuple[list[str], int]:
-    root = source if storage.is_s3(source) else str(Path(source).resolve())
+    # paths as given (not resolved): shards must not record where the repository was checked out
+    root = source if storage.is_s3(source) else str(Path(source))
     files = storage.list_files(root)
     prefix = root.rstrip("/") + "/"
     inputs = []
