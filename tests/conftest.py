@@ -296,3 +296,112 @@ def make_image_corpus(root: Path, n_random: int = 3) -> ImageCorpus:
 def bad_image_corpus(tmp_path: Path) -> ImageCorpus:
     """A folder with good images (incl. CMYK, 16-bit, palette, RGBA, EXIF-rotated) and every kind of bad input."""
     return make_image_corpus(tmp_path / "corpus")
+
+
+# --- mlflow ----------------------------------------------------------------------------------------------
+#
+#     def test_something(mlflow_server):          # MlflowServer: .uri, .stop(), .start(), .running
+#         tracker = MlflowTracker(mlflow_server.uri, experiment="test-something")
+#
+# One real `mlflow server` process (SQLite backend, proxied artifacts in a tmp folder) for the session; `.stop()`
+# and `.start()` restart it on the same port with the same store, so runs survive a restart.
+
+
+class MlflowServer:
+    """An ``mlflow server`` subprocess on a fixed 127.0.0.1 port (restartable; state kept in ``root``).
+
+    Attributes:
+        root: folder with ``mlflow.db`` (backend store), ``artifacts/`` (proxied artifact store) and ``server.log``.
+        port: the TCP port (the same across restarts).
+        uri: ``http://127.0.0.1:<port>``, the tracking URI.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the server (no-op if running) and wait until ``GET /health`` answers 200."""
+        import os
+
+        if self.running:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        script = Path(sys.executable).with_name("mlflow")
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
+        # --artifacts-destination: artifacts go through the server (mlflow-artifacts:/), so a stopped server
+        # also stops artifact uploads. The default --allowed-hosts already accepts 127.0.0.1 and localhost.
+        args = [
+            *("server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
+            *("--artifacts-destination", str(self.root / "artifacts")),
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job workers: starts faster, fewer processes
+        with open(self.root / "server.log", "ab") as log:
+            # own process group: the server forks uvicorn and a job runner; stop() ends all three
+            self._proc = subprocess.Popen(
+                [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with code {self._proc.returncode}; see {self.root / 'server.log'}"
+                )
+            if self._healthy():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout} s")
+
+    def stop(self) -> None:
+        """Stop the server and its child processes (no-op if stopped); the store on disk is kept."""
+        import contextlib
+        import os
+        import signal
+
+        if self._proc is None:
+            return
+
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # children still shutting down
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc = None
+        deadline = time.monotonic() + 10
+        while self._healthy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """Session-wide ``mlflow server`` subprocess: ``.uri``, ``.stop()``, ``.start()`` (same port, same store)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()

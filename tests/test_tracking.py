@@ -1,0 +1,253 @@
+"""Tracking in MLflow (`ddcolor.tracking`) against a real `mlflow server` process (the `mlflow_server` fixture)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
+
+import numpy as np
+import pytest
+from conftest import free_port
+
+from ddcolor.config import load_config
+from ddcolor.data.version import DatasetVersion
+from ddcolor.tracking import MlflowTracker, NullTracker, Tracker, TrackingError, start_tracker
+
+UNREACHABLE = "tracking server unreachable; continuing without tracking (run {} marked in logs)"
+
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(uri)
+
+
+def _experiment() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ddcolor.tracking" and r.levelno == logging.WARNING and text in r.getMessage()
+    ]
+
+
+def test_null_tracker_does_nothing(tmp_path):
+    tracker = start_tracker(load_config(None), enabled=False)
+    assert isinstance(tracker, NullTracker)
+    assert isinstance(tracker, Tracker)
+    assert tracker.run_id is None
+    tracker.log_params({"a": 1})
+    tracker.set_tags({"b": "c"})
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.log_image(np.zeros((8, 8, 3), np.uint8), key="k", step=0)
+    tracker.log_artifact(tmp_path / "missing.txt")
+    assert tracker.log_model(tmp_path / "missing.safetensors") is None
+    tracker.finish()
+    tracker.finish("FAILED")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_does_not_load_mlflow():
+    code = "import sys, ddcolor.tracking; print('mlflow' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_params_tags_metrics_images_round_trip(mlflow_server, monkeypatch, tmp_path, caplog):
+    mlflow_server.start()
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = load_config(None, overrides={"registry.experiment_name": _experiment(), "train.lr": 3e-4})
+    dataset = DatasetVersion(uri="data/shards", manifest_sha256="ab" * 32, dvc_md5=None, rows=12)
+    tracker = start_tracker(cfg, run_name="round-trip", tracking_uri=mlflow_server.uri, tags=dataset.as_tags())
+    assert isinstance(tracker, MlflowTracker)
+    run_id = tracker.run_id
+    tracker.log_params({"note": "x" * 10_000})  # longer than MLflow's limit: truncated, not an error
+    tracker.set_tags({"stage": "test"})
+    for step in range(5):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 3e-4, "train/images_per_s": 10.0}, step=step)
+    for step in (0, 10):
+        tracker.log_image(np.full((16, 24, 3), 20 + step, np.uint8), key="val_samples", step=step)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    tracker.log_artifact(tmp_path / "notes.txt", "extra")
+    tracker.log_params({"train.lr": "changed"})  # MLflow refuses to change a param: a warning, no exception
+    assert tracker.failed_calls == 1 and tracker.reachable
+    assert _warnings(caplog, "log_params failed")
+    time.sleep(0.5)  # a few system-metrics samples
+    tracker.finish()
+    tracker.finish()  # idempotent
+
+    client = _client(mlflow_server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "round-trip"
+    assert run.info.experiment_id == client.get_experiment_by_name(cfg.registry.experiment_name).experiment_id
+    params = run.data.params
+    flat = cfg.to_flat_dict()
+    assert set(flat) <= set(params)
+    assert params["train.lr"] == "0.0003"
+    assert params["train.betas"] == "[0.9, 0.99]"
+    assert params["model.backbone"] == "None"
+    assert len(params["note"]) == 6000 and params["note"].endswith("[truncated]")
+    tags = run.data.tags
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["git.commit"])
+    assert tags["git.dirty"] in ("true", "false")
+    for name in ("torch", "timm", "ddcolor", "mlflow", "numpy", "python"):
+        assert tags[f"version.{name}"]
+    assert tags["host"]
+    assert tags["dataset.manifest_sha256"] == "ab" * 32
+    assert tags["dataset.dvc_md5"] == ""
+    assert tags["stage"] == "test"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(5)]
+    assert [m.step for m in client.get_metric_history(run_id, "train/images_per_s")] == list(range(5))
+    assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert any("val_samples+step+0+" in p and p.endswith(".png") for p in images), images
+    assert any("val_samples+step+10+" in p for p in images), images
+    assert [a.path for a in client.list_artifacts(run_id, "extra")] == ["extra/notes.txt"]
+
+
+def test_unreachable_server_at_start_fails_fast():
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        MlflowTracker(uri, experiment="never", log_system_metrics=False, timeout_s=2)
+    assert time.monotonic() - start < 3
+    assert uri in str(err.value)
+    assert "unreachable" in str(err.value)
+
+
+def test_server_rejecting_host_header_names_allowed_hosts():
+    class Reject(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(403)
+            self.end_headers()
+            self.wfile.write(b"Invalid Host header")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Reject)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://user:secret@127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(TrackingError) as err:
+            MlflowTracker(uri, log_system_metrics=False, timeout_s=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(err.value)
+    assert "403" in message and "--allowed-hosts" in message
+    assert "secret" not in message and "user:***@127.0.0.1" in message
+
+
+def test_server_dropping_mid_run_does_not_stop_training(mlflow_server, tmp_path, caplog):
+    mlflow_server.start()
+    experiment = _experiment()
+    tracker = MlflowTracker(
+        mlflow_server.uri, experiment=experiment, log_system_metrics=False, timeout_s=2, reconnect_every_s=0.2
+    )
+    other = MlflowTracker(mlflow_server.uri, experiment=experiment, log_system_metrics=False, timeout_s=2)
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    (tmp_path / "a.txt").write_text("a")
+
+    mlflow_server.stop()
+    start = time.monotonic()
+    tracker.log_metrics({"loss": 0.9}, step=1)
+    tracker.log_params({"late": 1})
+    tracker.set_tags({"late": "yes"})
+    tracker.log_image(np.zeros((8, 8, 3), np.uint8), key="val", step=1)
+    tracker.log_artifact(tmp_path / "a.txt")
+    for step in range(2, 50):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    other.finish()  # never raises; the run stays RUNNING on the server
+    assert time.monotonic() - start < 10
+    assert not tracker.reachable
+    assert tracker.dropped_calls == 53
+    assert len(_warnings(caplog, UNREACHABLE.format(tracker.run_id))) == 1
+    assert _warnings(caplog, f"unreachable; run {other.run_id} left RUNNING")
+
+    mlflow_server.start()
+    time.sleep(0.3)  # > reconnect_every_s
+    tracker.log_metrics({"loss": 0.1}, step=50)
+    assert tracker.reachable
+    assert _warnings(caplog, "reachable again")
+    tracker.finish()
+
+    client = _client(mlflow_server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [0, 50]
+    assert run.data.tags["tracking.dropped_calls"] == "53"
+    assert client.get_run(other.run_id).info.status == "RUNNING"
+    assert len(_warnings(caplog, UNREACHABLE.format(tracker.run_id))) == 1
+
+
+def test_log_model_loads_as_pyfunc_with_same_output(mlflow_server, tmp_path, monkeypatch):
+    import mlflow
+    import torch
+
+    from ddcolor.model import build_model
+    from ddcolor.model.checkpoint import save_checkpoint
+
+    mlflow_server.start()
+    torch.manual_seed(0)
+    small = {"nf": 64, "hidden_dim": 64, "nheads": 4, "dim_feedforward": 128, "dec_layers": 1, "num_queries": 8}
+    model = build_model("atto", pretrained=None, **small).eval()
+    checkpoint = save_checkpoint(model, tmp_path / "final" / "generator", extra={"step": 7})
+    tracker = MlflowTracker(mlflow_server.uri, experiment=_experiment(), log_system_metrics=False)
+    tracker.log_metrics({"val/psnr": 20.0}, step=7)
+    with pytest.raises(FileNotFoundError):
+        tracker.log_model(tmp_path / "nowhere.safetensors")
+    uri = tracker.log_model(checkpoint.parent)  # a folder with one checkpoint
+    tracker.finish()
+    assert uri is not None and uri.startswith("models:/m-")
+
+    client = _client(mlflow_server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["ddcolor.model_uri"] == uri
+    files = sorted(a.path for a in client.list_artifacts(tracker.run_id, "checkpoint"))
+    assert files == ["checkpoint/generator.json", "checkpoint/generator.safetensors"]
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert logged.source_run_id == tracker.run_id
+    assert logged.experiment_id == run.info.experiment_id
+    assert logged.name == "generator"
+    assert str(logged.status) in ("READY", "LoggedModelStatus.READY")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    inputs = pyfunc.metadata.get_input_schema().inputs
+    assert inputs[0].shape == (-1, 3, -1, -1)
+    x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    got = pyfunc.predict(x)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert got.dtype == np.float32 and got.shape == (2, 2, 64, 64)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_embedded_sqlite_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with MlflowTracker(experiment="local", run_name="embedded", log_system_metrics=False) as tracker:
+        assert tracker.tracking_uri == "sqlite:///mlflow.db"
+        tracker.log_metrics({"loss": 0.5}, step=3)
+        tracker.log_image(np.zeros((8, 8, 3), np.uint8), key="val", step=3)
+    with pytest.raises(RuntimeError), MlflowTracker(experiment="local", log_system_metrics=False) as failed:
+        raise RuntimeError("training crashed")
+
+    assert (tmp_path / "mlflow.db").is_file()
+    client = _client("sqlite:///mlflow.db")
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(3, 0.5)]
+    assert client.list_artifacts(tracker.run_id, "images")
+    assert client.get_run(failed.run_id).info.status == "FAILED"
