@@ -69,7 +69,7 @@ class SpectralNormConv2d(nn.Module):
             self.power_iteration()
             # Clones keep autograd from seeing the in-place updates of the next iteration (as torch does).
             u, v = u.clone(), v.clone()
-        sigma = torch.dot(u, self.weight_orig.flatten(1) @ v)
+        sigma = torch.dot(u, (self.weight_orig.flatten(1) @ v).to(u.dtype))  # fp32 even under autocast
         return self.weight_orig / sigma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""DistributedDataParallel on CPU: 2 processes (gloo) launched by torchrun, exactly as on a GPU cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddcolor.data.ingest import ingest
+from ddcolor.data.samples import write_samples
+from ddcolor.train import checkpoint as ckpt
+from ddcolor.train.trainer import METRICS_FILE
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY, tiny_config
+
+_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from ddcolor.config import load_config
+    from ddcolor.train import Trainer
+
+    dataset, out, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    seen = []
+    forward_backward = Trainer.forward_backward
+
+    def recording(self, micro):
+        shas = [s for batch in micro for s in batch["sha256"]]
+        seen.append({"step": self.step + 1, "epoch": self.loader.dataset.epoch, "sha256": shas})
+        return forward_backward(self, micro)
+
+    Trainer.forward_backward = recording
+    trainer = Trainer(load_config(None, overrides), dataset, out_dir=out, progress=False, image_every=0)
+    trainer.setup()
+    try:
+        result = trainer.train()
+        rank = trainer.dist.rank
+        torch.save(
+            {
+                "world_size": trainer.dist.world_size,
+                "micro_batch": trainer.micro_batch,
+                "rows_per_rank": len(trainer.loader.dataset),
+                "dropped": {e: list(trainer.loader.dataset.plan(e).dropped) for e in {s["epoch"] for s in seen}},
+                "seen": seen,
+                "generator": trainer.generator.state_dict(),
+                "discriminator": trainer.discriminator.state_dict(),
+                "steps": result.steps,
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        trainer.cleanup()
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
+    write_samples(str(tmp_path / "raw"), count=12)
+    dataset = str(tmp_path / "shards")
+    ingest(str(tmp_path / "raw"), dataset, tiny_config(), num_workers=0)
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    out = tmp_path / "out"
+    # effective batch 4 = 2 ranks x 2 accumulation steps x micro-batch 1: exercises no_sync() too
+    overrides = [
+        *TINY,
+        "train.batch_size=4",
+        "train.grad_accum_steps=2",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+            *(str(script), dataset, str(out), json.dumps(overrides)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["micro_batch"] == 1
+    assert r0["steps"] == r1["steps"] == 4
+    # data: in every epoch the ranks read disjoint rows, together all but the (reported) dropped remainder
+    assert [s["step"] for s in r0["seen"]] == [s["step"] for s in r1["seen"]] == [1, 2, 3, 4]
+    epochs = {s["epoch"] for s in r0["seen"]}
+    assert len(epochs) >= 2  # the run crossed an epoch boundary
+    for epoch in epochs:
+        a = [sha for s in r0["seen"] if s["epoch"] == epoch for sha in s["sha256"]]
+        b = [sha for s in r1["seen"] if s["epoch"] == epoch for sha in s["sha256"]]
+        assert len(a) == len(b) == r0["rows_per_rank"] == len(set(a))
+        assert not set(a) & set(b), f"epoch {epoch}: both ranks read {set(a) & set(b)}"
+        assert not (set(a) | set(b)) & set(r0["dropped"][epoch])
+    # weights: all-reduced gradients keep the ranks identical. BatchNorm running statistics are the only per-rank
+    # state (each rank's last forward updates them locally; DDP broadcasts rank 0's at the next forward)
+    for net in ("generator", "discriminator"):
+        for key, value in r0[net].items():
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                continue
+            assert torch.equal(value, r1[net][key]), f"{net}.{key} differs between ranks"
+    # rank 0 alone logged and checkpointed; the checkpoint holds both ranks' data positions and RNG states
+    assert [json.loads(line)["step"] for line in (out / METRICS_FILE).read_text().splitlines()] == [1, 2, 3, 4]
+    loaded = ckpt.load_training_checkpoint(ckpt.find_latest(str(out / "checkpoints")))
+    assert loaded.step == 4 and loaded.state["world_size"] == 2
+    assert [r["loader"]["rank"] for r in loaded.state["ranks"]] == [0, 1]
+    assert all(torch.equal(v, r0["generator"][k]) for k, v in loaded.generator.items())
