@@ -562,6 +562,87 @@ def finetune_command(
     typer.echo(f"colorize with: ddcolor colorize --model {trained.checkpoint_path} IMAGES -o OUTPUT_FOLDER")
 
 
+# --- evaluate ------------------------------------------------------------------------------------------
+@app.command("evaluate")
+def evaluate_command(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[KEY=VALUE]...", help="Config overrides, e.g. eval.max_images=500 eval.batch_size=16."),
+    ] = None,
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="Official release name (see `ddcolor weights list`), a .safetensors or an official .pth checkpoint.",
+    ),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="Shard dataset (folder or s3:// prefix); its val split. Default: data.shards_uri."
+    ),
+    out: str = typer.Option("runs/eval", "--out", "-o", help="Output folder: metrics.json, report.md, samples.png."),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
+    ),
+    random_init_metrics: bool = typer.Option(
+        False,
+        "--random-init-metrics",
+        help="Random-init Inception/AlexNet for FID/LPIPS: smoke tests only, MEANINGLESS FID and LPIPS.",
+    ),
+    track: bool = typer.Option(True, "--track/--no-track", help="Log metrics to MLflow (MLFLOW_TRACKING_URI)."),
+    run_name: str | None = typer.Option("evaluate", "--run-name", help="MLflow run name."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Evaluate a model on a dataset's val split: FID, colorfulness, ΔCF, PSNR, LPIPS -> metrics.json + report.md."""
+    import torch
+
+    from ddcolor import weights
+    from ddcolor.data.loader import ShardError
+    from ddcolor.evaluate import evaluate
+    from ddcolor.model import CheckpointError
+    from ddcolor.model.checkpoint import load_model
+    from ddcolor.storage import StorageError
+    from ddcolor.tracking import TrackingError, start_tracker
+
+    cfg = _train_config(config, overrides or [])
+    try:
+        network = load_model(model)
+    except (weights.WeightsError, FileNotFoundError, CheckpointError, ValueError) as err:
+        raise _model_error(err) from None
+    if random_init_metrics:
+        typer.echo(
+            "WARNING: --random-init-metrics: FID and LPIPS use RANDOM Inception/AlexNet networks; their values are "
+            "MEANINGLESS (smoke test only)",
+            err=True,
+        )
+    try:
+        tracker = start_tracker(cfg, enabled=track, run_name=run_name)
+    except TrackingError as err:
+        typer.echo(f"Error: {err} (or pass --no-track)", err=True)
+        raise typer.Exit(1) from None
+    status = "FAILED"
+    try:
+        result = evaluate(
+            network.to(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            data or cfg.data.shards_uri,
+            cfg,
+            pretrained=None if random_init_metrics else "cache",
+            tracker=tracker,
+            out_dir=out,
+            progress=progress,
+        )
+        status = "FINISHED"
+    except weights.WeightsError as err:
+        typer.echo(f"Error: {str(err).strip(chr(39) + chr(34))} (or --random-init-metrics for a smoke test)", err=True)
+        raise typer.Exit(1) from None
+    except (ValueError, FileNotFoundError, StorageError, ShardError) as err:
+        typer.echo(f"Error: {str(err).strip(chr(39) + chr(34))}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        tracker.finish(status)
+    typer.echo(f"{result.n_images} images: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    typer.echo(f"report: {out}/report.md")
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(
