@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddcolor.model.ddcolor import INPUT_MULTIPLE, DDColor
+from ddcolor.model.ddcolor import INPUT_MULTIPLE, DDColor, check_gray_rgb_shape
 from ddcolor.model.inference import InferenceDDColor, prepare_for_inference
 
 __all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "OnnxColorModel", "export_onnx"]
@@ -171,14 +171,7 @@ class OnnxColorModel:
         Raises:
             ValueError: wrong rank, channel count, or a size that is not a multiple of 32.
         """
-        if gray_rgb.ndim != 4 or gray_rgb.shape[1] != 3:
-            raise ValueError(f"expected gray RGB of shape (B, 3, H, W), got {tuple(gray_rgb.shape)}")
-        h, w = gray_rgb.shape[-2:]
-        if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
-            raise ValueError(
-                f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}; resize the image first "
-                f"(the Colorizer does this and maps ab back to the original size)"
-            )
+        check_gray_rgb_shape(gray_rgb.shape)
         feed = np.ascontiguousarray(gray_rgb, dtype=np.float32)
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0]
 

@@ -28,7 +28,6 @@ import io
 import logging
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from ddcolor.storage import write_local_atomic
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -361,26 +362,6 @@ def _png16(arr: np.ndarray, exif: bytes | None) -> bytes:
     return b"".join(parts)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the target folder and rename: never a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_image(
     path: str | os.PathLike[str],
     rgb: np.ndarray,
@@ -442,13 +423,13 @@ def write_image(
 
     if bit_depth == 16 and fmt == "PNG":
         data = _png16(pixels, exif)
-        _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+        write_local_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
         return path
     if bit_depth == 16:  # TIFF
         import tifffile  # a scikit-image dependency; PIL cannot write 16-bit RGB
 
         extra = {"extrasamples": ("unassalpha",)} if alpha is not None else {}
-        _write_atomic(path, lambda tmp: tifffile.imwrite(tmp, pixels, photometric="rgb", metadata=None, **extra))
+        write_local_atomic(path, lambda tmp: tifffile.imwrite(tmp, pixels, photometric="rgb", metadata=None, **extra))
         return path
 
     im = Image.fromarray(pixels)  # RGB or RGBA from the channel count
@@ -461,5 +442,5 @@ def write_image(
         options = {"compression": "tiff_lzw"}
     if exif:
         options["exif"] = exif
-    _write_atomic(path, lambda tmp: im.save(tmp, format=fmt, **options))
+    write_local_atomic(path, lambda tmp: im.save(tmp, format=fmt, **options))
     return path

@@ -52,6 +52,7 @@ __all__ = [
     "upload_file",
     "write_bytes",
     "write_json",
+    "write_local_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,30 @@ def _atomic_local(path: Path, write: Callable[[BinaryIO], None], uri: str) -> No
             os.unlink(tmp)
         if isinstance(err, OSError):
             raise _local_error(err, uri, "write") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_local_atomic(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
+    """Write a local file through ``write(temp_path)`` and rename it into place: never a half-written file.
+
+    For writers that need a path (PIL, safetensors, tifffile); the file gets the usual umask permissions.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

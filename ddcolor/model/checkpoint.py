@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import ddcolor
 from ddcolor.model.convert import CheckpointError, convert_official_state_dict, read_checkpoint
 from ddcolor.model.ddcolor import DDColor, DDColorConfig
 from ddcolor.model.encoder import Encoder
+from ddcolor.storage import write_local_atomic
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_checkpoint", "load_model", "save_checkpoint"]
 
@@ -29,19 +28,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "ddcolor-generator"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(model: DDColor, path: str | Path, extra: dict | None = None) -> Path:
@@ -64,8 +50,8 @@ def save_checkpoint(model: DDColor, path: str | Path, extra: dict | None = None)
         "extra": extra or {},
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"ddcolor": json.dumps(config)}))
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_local_atomic(path, lambda tmp: save_file(state, tmp, metadata={"ddcolor": json.dumps(config)}))
+    write_local_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 

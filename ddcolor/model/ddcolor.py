@@ -9,6 +9,7 @@ resolution embedding) and color decoder (100 queries) -> query maps (B,100,H,W) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from ddcolor.model.layers import SpectralNormConv2d
 from ddcolor.model.pixel_decoder import PixelDecoder
 from ddcolor.presets import INPUT_MULTIPLE
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DDColor", "DDColorConfig"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DDColor", "DDColorConfig", "check_gray_rgb_shape"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +41,23 @@ class DDColorConfig:
     dim_feedforward: int = 2048
     num_output_channels: int = 2
     blur: bool = True
+
+
+def check_gray_rgb_shape(shape: Sequence[int], check_size: bool = True) -> None:
+    """Raise ValueError unless ``shape`` is (B, 3, H, W) with H and W multiples of 32 (the network's input contract).
+
+    Args:
+        shape: the input's shape.
+        check_size: also check H and W (off while tracing for export, where sizes are symbolic).
+    """
+    if len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"expected gray RGB of shape (B, 3, H, W), got {tuple(shape)}")
+    h, w = shape[-2:]
+    if check_size and (h % INPUT_MULTIPLE or w % INPUT_MULTIPLE):
+        raise ValueError(
+            f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}; resize the image first "
+            f"(the Colorizer does this and maps ab back to the original size)"
+        )
 
 
 class DDColor(nn.Module):
@@ -86,14 +104,7 @@ class DDColor(nn.Module):
         Raises:
             ValueError: wrong rank, channel count, or a size that is not a multiple of 32.
         """
-        if gray_rgb.ndim != 4 or gray_rgb.shape[1] != 3:
-            raise ValueError(f"expected gray RGB of shape (B, 3, H, W), got {tuple(gray_rgb.shape)}")
-        h, w = gray_rgb.shape[-2:]
-        if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
-            raise ValueError(
-                f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}; resize the image first "
-                f"(the Colorizer does this and maps ab back to the original size)"
-            )
+        check_gray_rgb_shape(gray_rgb.shape)
         x = (gray_rgb - self.mean) / self.std
         features = self.encoder(x)  # strides 4, 8, 16, 32
         multi_scale, pixel_embedding = self.pixel_decoder(features)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddcolor.model.color_decoder import CrossAttentionLayer
-from ddcolor.model.ddcolor import INPUT_MULTIPLE, DDColor
+from ddcolor.model.ddcolor import DDColor, check_gray_rgb_shape
 from ddcolor.model.layers import SpectralNormConv2d
 
 __all__ = ["PRECISIONS", "InferenceDDColor", "prepare_for_inference"]
@@ -414,15 +414,7 @@ class InferenceDDColor(nn.Module):
 
     def forward(self, gray_rgb: torch.Tensor) -> torch.Tensor:
         """gray RGB (B, 3, H, W) in [0, 1] -> ab (B, 2, H, W) float32; see `DDColor.forward`."""
-        if gray_rgb.ndim != 4 or gray_rgb.shape[1] != 3:
-            raise ValueError(f"expected gray RGB of shape (B, 3, H, W), got {tuple(gray_rgb.shape)}")
-        if not torch.jit.is_tracing():
-            h, w = gray_rgb.shape[-2:]
-            if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
-                raise ValueError(
-                    f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}; resize the image first "
-                    f"(the Colorizer does this and maps ab back to the original size)"
-                )
+        check_gray_rgb_shape(gray_rgb.shape, check_size=not torch.jit.is_tracing())
         with torch.no_grad():
             return self._forward(gray_rgb.float())
 
