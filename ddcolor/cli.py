@@ -643,6 +643,81 @@ def evaluate_command(
     typer.echo(f"report: {out}/report.md")
 
 
+# --- registry ------------------------------------------------------------------------------------------
+def _registry_fail(exc: BaseException) -> typer.Exit:
+    typer.echo(f"Error: {str(exc).strip(chr(39) + chr(34))}", err=True)
+    return typer.Exit(1)
+
+
+@app.command("gate")
+def gate_command(
+    run_id: str = typer.Option(..., "--run-id", help="MLflow run whose model is the challenger."),
+    metrics: str | None = typer.Option(
+        None, "--metrics", help="metrics.json from `ddcolor evaluate` (default: the run's val/* metrics)."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
+    ),
+) -> None:
+    """Check a run's eval metrics against the gates and the champion; log the decision to the run; exit 1 on fail."""
+    import json
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    from ddcolor.registry import RegistryError, gate_run
+
+    cfg = _train_config(config, [])
+    try:
+        values = json.loads(Path(metrics).read_text()) if metrics else None
+        decision = gate_run(run_id, cfg, metrics=values)
+    except (OSError, ValueError, RegistryError, MlflowException) as err:
+        raise _registry_fail(err) from None
+    typer.echo(decision.table())
+    if not decision.passed:
+        raise typer.Exit(1)
+
+
+@app.command("promote")
+def promote_command(
+    run_id: str | None = typer.Option(None, "--run-id", help="Register this run's model, gate it, promote it."),
+    do_rollback: bool = typer.Option(
+        False, "--rollback", help="Move the champion back to its previous_champion instead."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
+    ),
+) -> None:
+    """Register a run's model (alias challenger), gate its val/* metrics, move the champion alias if it passed."""
+    from mlflow.exceptions import MlflowException
+
+    from ddcolor.registry import RegistryError, gate_run, promote, register, rollback
+
+    if (run_id is None) == (not do_rollback):
+        typer.echo("Error: give exactly one of --run-id ID or --rollback", err=True)
+        raise typer.Exit(2)
+    cfg = _train_config(config, [])
+    name, alias = cfg.registry.model_name, cfg.registry.champion_alias
+    try:
+        if do_rollback:
+            result = rollback(cfg)
+            typer.echo(f"rolled back {name}@{alias}: version {result.previous_champion} -> {result.champion}")
+            return
+        decision = gate_run(run_id, cfg)
+        version = register(run_id, None, cfg)
+        result = promote(version, decision, cfg)
+    except (RegistryError, MlflowException) as err:
+        raise _registry_fail(err) from None
+    typer.echo(decision.table())
+    if result.promoted:
+        typer.echo(f"promoted {name} version {version} to @{alias} (previous: {result.previous_champion or 'none'})")
+    elif decision.passed:
+        typer.echo(f"{name} version {version} is already @{alias}")
+    else:
+        typer.echo(f"{name} version {version} not promoted (gate failed); @{alias} stays {result.champion or 'unset'}")
+        raise typer.Exit(1)
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(

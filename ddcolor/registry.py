@@ -1,0 +1,347 @@
+"""MLflow model registry: register a run's model, gate it, promote it to ``champion``, roll back.
+
+Aliases (MLflow 3; stages are not used): ``registry.challenger_alias`` points at the last registered version,
+``registry.champion_alias`` at the serving one (``models:/ddcolor@champion``). Usage::
+
+    version = register(run_id, None, cfg)                 # model URI from the run's ``ddcolor.model_uri`` tag
+    decision = gate_run(run_id, cfg)                      # run's val/* metrics vs gates and champion; logged to run
+    promote(version, decision, cfg)                       # moves champion only when decision.passed
+    rollback(cfg)                                         # champion -> its ``previous_champion``
+
+Tags written on a model version:
+
+* ``lineage.run_id``, ``lineage.model_uri``, ``git.commit`` / ``git.dirty`` (from the run), every ``dataset.*`` run
+  tag, and ``metric.<name>`` for each ``val/<name>`` run metric (what `champion_metrics` reads back);
+* on promotion: ``blessing`` (the gate decision as JSON; also written when the gate failed) and
+  ``previous_champion`` (the version that was champion before, absent for the first champion).
+
+Concurrency: `promote` and `rollback` hold a registry-wide mutex while they read and move the champion alias. The
+mutex is a registered model named ``<model_name>.promotion-lock``: creating it is an atomic insert on the tracking
+server's database (name is the primary key), so of two racing creators exactly one succeeds and the other waits.
+Guarantee: with an SQL-backed tracking server or store (SQLite, PostgreSQL, MySQL), concurrent promotions from any
+number of processes or hosts are serialized, so the champion alias always ends on a version whose gate passed and
+each ``previous_champion`` tag names the champion it really replaced. A crashed holder leaves the lock behind; it is
+taken over after ``lock_ttl_s`` (default 120 s). Taking over an expired lock is not atomic (two waiters could both
+break it at once), so the guarantee assumes that no promotion runs longer than the TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ddcolor.gates import GateDecision, decide
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from ddcolor.config import Config
+
+__all__ = [
+    "Promotion",
+    "RegistryError",
+    "champion_metrics",
+    "gate_run",
+    "promote",
+    "register",
+    "rollback",
+    "run_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+MODEL_URI_TAG = "ddcolor.model_uri"
+METRIC_TAG_PREFIX = "metric."
+BLESSING_TAG = "blessing"
+PREVIOUS_TAG = "previous_champion"
+LOCK_SUFFIX = ".promotion-lock"
+_LOCK_TOKEN_TAG = "lock.token"
+_LOCK_EXPIRES_TAG = "lock.expires"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done (no champion, no previous champion, lock not acquired, ...)."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What `promote` / `rollback` did: ``champion`` is the champion version afterwards (None if there is none)."""
+
+    version: str
+    promoted: bool
+    champion: str | None
+    previous_champion: str | None
+
+
+def _client(tracking_uri: str | None = None) -> MlflowClient:
+    import mlflow
+
+    if tracking_uri is None:
+        from ddcolor.config import EnvSettings
+
+        tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _error_code(err: Exception) -> str:
+    return str(getattr(err, "error_code", ""))
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
+    """The model version behind `alias`, or None when the alias (or the registered model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in _error_code(err) or "INVALID_PARAMETER_VALUE" in _error_code(err):
+            return None
+        raise
+
+
+def run_metrics(run_id: str, config: Config | None = None, *, tracking_uri: str | None = None) -> dict[str, float]:
+    """The run's ``val/<name>`` metrics (latest values) as ``{name: value}``."""
+    run = _client(tracking_uri).get_run(run_id)
+    return {k.removeprefix("val/"): float(v) for k, v in run.data.metrics.items() if k.startswith("val/")}
+
+
+def register(
+    run_id: str,
+    model_uri: str | None,
+    config: Config,
+    *,
+    metrics: Mapping[str, float] | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """Register the run's model as a new version of ``config.registry.model_name`` and point the challenger at it.
+
+    Args:
+        run_id: the training (or evaluation) run that logged the model.
+        model_uri: ``models:/m-...`` (or ``runs:/...``); None reads the run's ``ddcolor.model_uri`` tag.
+        config: names of the registered model and aliases.
+        metrics: the eval metrics to record as ``metric.*`` tags; None = the run's ``val/*`` metrics.
+
+    Returns:
+        The new version number, as a string.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    name = config.registry.model_name
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    model_uri = model_uri or tags.get(MODEL_URI_TAG)
+    if not model_uri:
+        raise RegistryError(f"run {run_id} has no {MODEL_URI_TAG!r} tag; pass the model URI (models:/m-...)")
+    try:
+        client.create_registered_model(name, description="DDColor image colorization generator.")
+    except MlflowException as err:
+        if "ALREADY_EXISTS" not in _error_code(err):
+            raise
+    if metrics is None:
+        metrics = {k.removeprefix("val/"): v for k, v in run.data.metrics.items() if k.startswith("val/")}
+    lineage = {"lineage.run_id": run_id, "lineage.model_uri": model_uri}
+    for key in ("git.commit", "git.dirty", "git.branch"):
+        if key in tags:
+            lineage[key] = tags[key]
+    if "git.commit" not in lineage and "mlflow.source.git.commit" in tags:
+        lineage["git.commit"] = tags["mlflow.source.git.commit"]
+    lineage.update({k: v for k, v in tags.items() if k.startswith("dataset.")})
+    lineage.update({f"{METRIC_TAG_PREFIX}{k.removeprefix('val/')}": repr(float(v)) for k, v in metrics.items()})
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mv = client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags=lineage, model_id=model_id, await_creation_for=60
+    )
+    client.set_registered_model_alias(name, config.registry.challenger_alias, mv.version)
+    log.info(
+        "registered %s version %s from run %s (alias %s)", name, mv.version, run_id, config.registry.challenger_alias
+    )
+    return str(mv.version)
+
+
+def _version_metrics(mv: Any) -> dict[str, float]:
+    out = {}
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                out[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def champion_metrics(config: Config, *, tracking_uri: str | None = None) -> tuple[str, dict[str, float]] | None:
+    """``(version, {metric: value})`` of the current champion (from its ``metric.*`` tags), or None if none."""
+    mv = _alias_version(_client(tracking_uri), config.registry.model_name, config.registry.champion_alias)
+    if mv is None:
+        return None
+    return str(mv.version), _version_metrics(mv)
+
+
+def gate_run(
+    run_id: str,
+    config: Config,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+    log_to_run: bool = True,
+) -> GateDecision:
+    """Decide the gates for a run (its ``val/*`` metrics, or `metrics`) against the current champion.
+
+    With `log_to_run`, the run gets tags ``gate.passed`` (``true``/``false``) and ``gate.checks`` (JSON of the
+    decision) and a ``gate.md`` artifact (the Markdown table).
+    """
+    client = _client(tracking_uri)
+    if metrics is None:
+        metrics = run_metrics(run_id, tracking_uri=tracking_uri)
+    champ = champion_metrics(config, tracking_uri=tracking_uri)
+    decision = decide(metrics, config.gates, champ[1] if champ else None, champion_version=champ[0] if champ else None)
+    if log_to_run:
+        client.set_tag(run_id, "gate.passed", "true" if decision.passed else "false")
+        client.set_tag(run_id, "gate.checks", decision.to_json())
+        client.log_text(run_id, decision.table(), "gate.md")
+    return decision
+
+
+@contextmanager
+def promotion_lock(
+    config: Config,
+    *,
+    tracking_uri: str | None = None,
+    timeout_s: float = 60.0,
+    lock_ttl_s: float = 120.0,
+    poll_s: float = 0.1,
+) -> Iterator[str]:
+    """Hold the registry-wide promotion mutex (see the module docstring); yields the holder's token.
+
+    Raises:
+        RegistryError: not acquired within `timeout_s`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    lock_name = config.registry.model_name + LOCK_SUFFIX
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock_name,
+                tags={_LOCK_TOKEN_TAG: token, _LOCK_EXPIRES_TAG: repr(time.time() + lock_ttl_s)},
+                description=f"Promotion lock of {config.registry.model_name!r} (transient; safe to delete if stale).",
+            )
+            held = client.get_registered_model(lock_name).tags.get(_LOCK_TOKEN_TAG)
+            if held == token:
+                break
+        except MlflowException as err:
+            if "ALREADY_EXISTS" not in _error_code(err):
+                raise
+            _break_if_stale(client, lock_name)
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"could not take the promotion lock {lock_name!r} within {timeout_s:g} s (another promotion running, "
+                "or a stale lock: delete that registered model if no promotion is running)"
+            )
+        time.sleep(poll_s)
+    try:
+        yield token
+    finally:
+        try:
+            if client.get_registered_model(lock_name).tags.get(_LOCK_TOKEN_TAG) == token:
+                client.delete_registered_model(lock_name)
+            else:  # pragma: no cover - our lock expired and was taken over
+                log.warning("promotion lock %s was taken over while held (promotion ran past its TTL)", lock_name)
+        except MlflowException as err:  # pragma: no cover - lock already gone
+            log.warning("releasing promotion lock %s: %s", lock_name, err)
+
+
+def _break_if_stale(client: MlflowClient, lock_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(lock_name).tags
+        expires = float(tags.get(_LOCK_EXPIRES_TAG, "inf"))
+        if time.time() <= expires:
+            return
+        # re-read right before deleting, so a lock renewed by someone else in between is kept
+        if client.get_registered_model(lock_name).tags.get(_LOCK_TOKEN_TAG) != tags.get(_LOCK_TOKEN_TAG):
+            return
+        log.warning("breaking stale promotion lock %s (expired %.0f s ago)", lock_name, time.time() - expires)
+        client.delete_registered_model(lock_name)
+    except (MlflowException, ValueError):
+        return  # released meanwhile, or unreadable: retry
+
+
+def promote(
+    version: str | int,
+    decision: GateDecision,
+    config: Config,
+    *,
+    tracking_uri: str | None = None,
+    lock_timeout_s: float = 60.0,
+) -> Promotion:
+    """Move the champion alias to `version` when `decision` passed; never when it failed.
+
+    The decision is recorded on the version as the ``blessing`` tag either way. On promotion the version also gets
+    ``previous_champion`` (the champion it replaces; no tag for the first champion). Promoting the current champion
+    again changes nothing. Runs under `promotion_lock`.
+    """
+    client = _client(tracking_uri)
+    name, alias = config.registry.model_name, config.registry.champion_alias
+    version = str(version)
+    client.get_model_version(name, version)  # fails early for an unknown version
+    if not decision.passed:
+        client.set_model_version_tag(name, version, BLESSING_TAG, decision.to_json())
+        current = _alias_version(client, name, alias)
+        log.info("gate failed: %s version %s not promoted", name, version)
+        return Promotion(version, False, str(current.version) if current else None, None)
+    with promotion_lock(config, tracking_uri=tracking_uri, timeout_s=lock_timeout_s):
+        current = _alias_version(client, name, alias)
+        previous = str(current.version) if current else None
+        if previous == version:
+            return Promotion(version, False, version, client.get_model_version(name, version).tags.get(PREVIOUS_TAG))
+        client.set_model_version_tag(name, version, BLESSING_TAG, decision.to_json())
+        if previous is not None:
+            client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
+        client.set_registered_model_alias(name, alias, version)
+    log.info("promoted %s version %s to %s (previous: %s)", name, version, alias, previous)
+    return Promotion(version, True, version, previous)
+
+
+def rollback(config: Config, *, tracking_uri: str | None = None, lock_timeout_s: float = 60.0) -> Promotion:
+    """Move the champion alias back to the version named by the current champion's ``previous_champion`` tag.
+
+    The version rolled back from gets the tag ``rolled_back`` (``true``). Returns a `Promotion` whose ``version`` is
+    the new champion and ``previous_champion`` the one rolled back from.
+
+    Raises:
+        RegistryError: there is no champion, or it has no ``previous_champion``.
+    """
+    client = _client(tracking_uri)
+    name, alias = config.registry.model_name, config.registry.champion_alias
+    with promotion_lock(config, tracking_uri=tracking_uri, timeout_s=lock_timeout_s):
+        current = _alias_version(client, name, alias)
+        if current is None:
+            raise RegistryError(f"registered model {name!r} has no {alias!r} alias to roll back")
+        target = (current.tags or {}).get(PREVIOUS_TAG)
+        if not target:
+            raise RegistryError(
+                f"{name} version {current.version} ({alias}) has no {PREVIOUS_TAG!r} tag: nothing to roll back to"
+            )
+        client.get_model_version(name, target)
+        client.set_model_version_tag(name, str(current.version), "rolled_back", "true")
+        client.set_registered_model_alias(name, alias, target)
+    log.info("rolled back %s %s: version %s -> %s", name, alias, current.version, target)
+    return Promotion(str(target), True, str(target), str(current.version))
+
+
+def blessing(mv_tags: Mapping[str, str]) -> GateDecision | None:
+    """The gate decision recorded on a model version (its tags), or None."""
+    raw = mv_tags.get(BLESSING_TAG)
+    return GateDecision.from_dict(json.loads(raw)) if raw else None

@@ -1,0 +1,326 @@
+"""Gates (pure) and the MLflow model registry (against the real `mlflow_server` fixture, SQLite backend)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from ddcolor.config import GatesConfig, load_config
+from ddcolor.gates import GateDecision, decide, normalize_metrics
+from ddcolor.registry import (
+    LOCK_SUFFIX,
+    RegistryError,
+    blessing,
+    champion_metrics,
+    gate_run,
+    promote,
+    register,
+    rollback,
+)
+
+# --- gates (pure) ----------------------------------------------------------------------------------------
+
+STRICT = {"max_fid": 20.0, "min_colorfulness": 25.0, "max_delta_colorfulness": 5.0, "min_psnr": 21.0}
+GOOD = {"fid": 15.0, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0}
+
+
+@pytest.mark.parametrize(
+    ("gates", "metrics", "champion", "passed", "failed_checks"),
+    [
+        pytest.param({}, GOOD, None, True, set(), id="defaults-no-champion"),
+        pytest.param(STRICT, GOOD, None, True, set(), id="thresholds-pass"),
+        pytest.param(STRICT, {**GOOD, "fid": 20.5}, None, False, {"max_fid"}, id="fid-too-high"),
+        pytest.param(STRICT, {**GOOD, "fid": 20.0}, None, True, set(), id="fid-at-bound"),
+        pytest.param(STRICT, {**GOOD, "colorfulness": 24.9}, None, False, {"min_colorfulness"}, id="dull"),
+        pytest.param(STRICT, {**GOOD, "delta_colorfulness": 6.0}, None, False, {"max_delta_colorfulness"}, id="dcf"),
+        pytest.param(STRICT, {**GOOD, "psnr": 20.0}, None, False, {"min_psnr"}, id="psnr"),
+        pytest.param({**STRICT, "min_psnr": None}, {**GOOD, "psnr": 1.0}, None, True, set(), id="psnr-off"),
+        pytest.param(STRICT, {k: v for k, v in GOOD.items() if k != "psnr"}, None, False, {"min_psnr"}, id="missing"),
+        pytest.param(STRICT, {**GOOD, "psnr": float("nan")}, None, False, {"min_psnr"}, id="nan-is-missing"),
+        pytest.param({}, GOOD, {"fid": 14.6, "colorfulness": 31.0}, True, set(), id="within-margins"),
+        pytest.param({}, GOOD, {"fid": 14.4, "colorfulness": 31.0}, False, {"fid_vs_champion"}, id="fid-regressed"),
+        pytest.param({}, GOOD, {"fid": 15.0, "colorfulness": 32.5}, False, {"colorfulness_vs_champion"}, id="cf-down"),
+        pytest.param(
+            {"fid_margin_vs_champion": -1.0}, GOOD, {"fid": 15.5, "colorfulness": 30}, False, {"fid_vs_champion"},
+            id="must-improve",
+        ),
+        pytest.param(
+            {"fid_margin_vs_champion": None, "colorfulness_margin_vs_champion": None}, GOOD, {"fid": 1.0}, True, set(),
+            id="relative-off",
+        ),
+        pytest.param({}, GOOD, {"colorfulness": 30.0}, False, {"fid_vs_champion"}, id="champion-lacks-metric"),
+        pytest.param(
+            STRICT, {"val/fid": 15.0, "val/colorfulness": 30.0, "val/delta_colorfulness": 1.0, "val/psnr": 25.0},
+            {"val/fid": 15.0, "val/colorfulness": 30.0}, True, set(), id="val-prefixed",
+        ),
+    ],
+)  # fmt: skip
+def test_decide_cases(gates, metrics, champion, passed, failed_checks):
+    decision = decide(metrics, GatesConfig(**gates), champion, champion_version="3" if champion else None)
+    assert decision.passed is passed
+    assert {c.name for c in decision.checks if not c.passed} == failed_checks
+    for check in decision.checks:
+        assert check.kind == ("vs_champion" if check.name.endswith("_vs_champion") else "absolute")
+        assert check.reason
+    if champion is None:
+        assert all(c.kind == "absolute" for c in decision.checks)
+
+
+def test_decision_reasons_table_and_round_trip():
+    decision = decide({"fid": 16.0}, GatesConfig(min_psnr=20.0), {"fid": 15.0, "colorfulness": 30.0}, "7")
+    by_name = {c.name: c for c in decision.checks}
+    assert by_name["min_psnr"].reason == "metric 'psnr' missing" and by_name["min_psnr"].value is None
+    assert by_name["fid_vs_champion"].threshold == pytest.approx(15.5)
+    assert by_name["fid_vs_champion"].champion_value == 15.0 and not by_name["fid_vs_champion"].passed
+    assert "missing" in by_name["colorfulness_vs_champion"].reason
+    table = decision.table()
+    assert table.startswith("**Gate FAILED** (champion v7; 0/3 checks passed)")
+    assert "| fid_vs_champion | vs_champion | fid | 16 | <= | 15.5 | 15 | FAIL |" in table
+    data = json.loads(json.dumps(decision.to_dict()))
+    assert data["passed"] is False and data["champion_version"] == "7" and len(data["checks"]) == 3
+    assert GateDecision.from_dict(data) == decision
+    empty = decide({}, GatesConfig(fid_margin_vs_champion=None, colorfulness_margin_vs_champion=None), None)
+    assert empty.passed and empty.checks == () and "no gate enabled" in empty.table()
+
+
+def test_normalize_metrics():
+    got = normalize_metrics({"val/fid": 2, "fid": 1, "n_images": 3, "note": "x", "flag": True, "x": float("nan")})
+    assert got == {"fid": 1.0, "n_images": 3.0}
+
+
+# --- registry (real MLflow server) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logged_model(mlflow_server, tmp_path_factory):
+    """(run_id, models:/m-... URI, generator) of a small atto generator logged once for the module."""
+    import torch
+
+    from ddcolor.model import build_model
+    from ddcolor.model.checkpoint import save_checkpoint
+    from ddcolor.tracking import MlflowTracker
+
+    mlflow_server.start()
+    torch.manual_seed(0)
+    small = {"nf": 64, "hidden_dim": 64, "nheads": 4, "dim_feedforward": 128, "dec_layers": 1, "num_queries": 8}
+    model = build_model("atto", pretrained=None, **small).eval()
+    checkpoint = save_checkpoint(model, tmp_path_factory.mktemp("reg") / "generator", extra={"step": 1})
+    tracker = MlflowTracker(mlflow_server.uri, experiment="test-registry", log_system_metrics=False)
+    uri = tracker.log_model(checkpoint)
+    tracker.finish()
+    return tracker.run_id, uri, model
+
+
+@pytest.fixture
+def env(mlflow_server, logged_model, monkeypatch):
+    """Config with a unique registered-model name and strict-ish gates; MLFLOW_TRACKING_URI -> the server."""
+    mlflow_server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    name = f"ddcolor-test-{uuid.uuid4().hex[:8]}"
+    cfg = load_config(None, overrides={"registry.model_name": name, "gates.max_fid": 30.0, "gates.min_psnr": 20.0})
+    return cfg
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def _run(logged_model, metrics: dict[str, float], dataset: str = "ab" * 32) -> str:
+    """A finished run with val/* metrics, dataset and git tags, and the module's model as its ddcolor.model_uri."""
+    client = _client()
+    experiment = client.get_experiment_by_name("test-registry").experiment_id
+    run = client.create_run(experiment)
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, f"val/{key}", value, step=1)
+    tags = {"ddcolor.model_uri": logged_model[1], "git.commit": "c0ffee" * 6 + "abcd", "git.dirty": "false"}
+    tags |= {"dataset.manifest_sha256": dataset, "dataset.rows": "12", "dataset.dvc_md5": ""}
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _good(fid: float = 15.0) -> dict[str, float]:
+    return {"fid": fid, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0}
+
+
+def _promote_run(logged_model, cfg, metrics) -> tuple[str, str, object]:
+    run_id = _run(logged_model, metrics)
+    version = register(run_id, None, cfg)
+    decision = gate_run(run_id, cfg)
+    return run_id, version, promote(version, decision, cfg)
+
+
+def test_register_and_promote_sets_champion_with_lineage(env, logged_model):
+    cfg = env
+    name = cfg.registry.model_name
+    assert champion_metrics(cfg) is None
+    run_id = _run(logged_model, _good())
+    version = register(run_id, None, cfg)
+    client = _client()
+    assert client.get_model_version_by_alias(name, "challenger").version == version
+    decision = gate_run(run_id, cfg)
+    assert decision.passed and decision.champion_version is None
+    assert {c.name for c in decision.checks} == {"max_fid", "min_psnr"}  # no champion: thresholds only
+    result = promote(version, decision, cfg)
+    assert result.promoted and result.champion == version and result.previous_champion is None
+
+    mv = client.get_model_version_by_alias(name, "champion")
+    assert mv.version == version and mv.run_id == run_id
+    tags = mv.tags
+    assert tags["lineage.run_id"] == run_id and tags["lineage.model_uri"] == logged_model[1]
+    assert tags["git.commit"] == "c0ffee" * 6 + "abcd" and tags["git.dirty"] == "false"
+    assert tags["dataset.manifest_sha256"] == "ab" * 32 and tags["dataset.rows"] == "12"
+    assert float(tags["metric.fid"]) == 15.0 and float(tags["metric.psnr"]) == 22.0
+    assert "previous_champion" not in tags
+    assert blessing(tags).passed is True
+    assert champion_metrics(cfg) == (version, _good())
+    run = client.get_run(run_id)
+    assert run.data.tags["gate.passed"] == "true"
+    assert json.loads(run.data.tags["gate.checks"])["passed"] is True
+    assert [a.path for a in client.list_artifacts(run_id)] == ["gate.md"]
+    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")  # lock released
+
+    # a second, better challenger is gated against the champion and replaces it
+    _, v2, second = _promote_run(logged_model, cfg, _good(fid=14.0))
+    assert second.promoted and second.previous_champion == version
+    mv2 = client.get_model_version_by_alias(name, "champion")
+    assert mv2.version == v2 and mv2.tags["previous_champion"] == version
+    assert blessing(mv2.tags).champion_version == version
+    assert {c.kind for c in blessing(mv2.tags).checks} == {"absolute", "vs_champion"}
+
+
+def test_failed_gate_keeps_champion(env, logged_model):
+    cfg = env
+    name = cfg.registry.model_name
+    _, v1, _ = _promote_run(logged_model, cfg, _good())
+    run_id, v2, result = _promote_run(logged_model, cfg, _good(fid=25.0))  # below max_fid but >> champion + 0.5
+    assert not result.promoted and result.champion == v1
+    client = _client()
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    assert client.get_model_version_by_alias(name, "challenger").version == v2
+    failed = blessing(client.get_model_version(name, v2).tags)
+    assert failed.passed is False and [c.name for c in failed.checks if not c.passed] == ["fid_vs_champion"]
+    assert client.get_run(run_id).data.tags["gate.passed"] == "false"
+    # an absolute failure with no champion never creates one either
+    cfg2 = cfg.with_overrides({"registry.model_name": name + "-b"})
+    _, _, result = _promote_run(logged_model, cfg2, _good(fid=35.0))
+    assert not result.promoted and result.champion is None and champion_metrics(cfg2) is None
+
+
+def test_rollback_moves_champion_back(env, logged_model):
+    cfg = env
+    name = cfg.registry.model_name
+    with pytest.raises(RegistryError, match="no 'champion' alias"):
+        rollback(cfg)
+    _, v1, _ = _promote_run(logged_model, cfg, _good())
+    with pytest.raises(RegistryError, match="previous_champion"):
+        rollback(cfg)
+    _, v2, _ = _promote_run(logged_model, cfg, _good(fid=14.8))
+    result = rollback(cfg)
+    assert result.champion == v1 and result.previous_champion == v2
+    client = _client()
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    assert client.get_model_version(name, v2).tags["rolled_back"] == "true"
+    assert champion_metrics(cfg) == (v1, _good())
+
+
+def test_racing_promotions_stay_consistent(env, logged_model):
+    cfg = env
+    name = cfg.registry.model_name
+    _, v0, _ = _promote_run(logged_model, cfg, _good())
+    versions, decisions = [], []
+    for fid in (14.9, 14.8):
+        run_id = _run(logged_model, _good(fid))
+        versions.append(register(run_id, None, cfg))
+        decisions.append(gate_run(run_id, cfg))
+    assert all(d.passed for d in decisions)
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = promote(versions[i], decisions[i], cfg)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and all(r.promoted for r in results.values())
+    client = _client()
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version in versions
+    assert blessing(champion.tags).passed
+    other = versions[1 - versions.index(champion.version)]
+    # serialized: v0 <- other <- champion (without the lock both would name v0)
+    assert champion.tags["previous_champion"] == other
+    assert client.get_model_version(name, other).tags["previous_champion"] == v0
+    holders = [v.version for v in client.search_model_versions(f"name = '{name}'") if "champion" in
+               client.get_model_version(name, v.version).aliases]  # fmt: skip
+    assert holders == [champion.version]
+    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
+
+
+def test_champion_loads_as_pyfunc_and_predicts(env, logged_model):
+    import mlflow
+    import torch
+
+    cfg = env
+    _promote_run(logged_model, cfg, _good())
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    got = pyfunc.predict(x)
+    with torch.inference_mode():
+        expected = logged_model[2](torch.from_numpy(x)).numpy()
+    assert got.shape == (1, 2, 64, 64)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_cli_gate_and_promote(env, logged_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ddcolor.cli import app
+
+    cfg = env
+    name = cfg.registry.model_name
+    params = tmp_path / "params.yaml"
+    params.write_text(cfg.to_yaml())
+    runner = CliRunner()
+    run_id = _run(logged_model, _good())
+
+    res = runner.invoke(app, ["gate", "--run-id", run_id, "--config", str(params)])
+    assert res.exit_code == 0, res.output
+    assert "Gate PASSED" in res.output and "| max_fid |" in res.output
+    bad = tmp_path / "metrics.json"
+    bad.write_text(json.dumps({"fid": 99.0, "colorfulness": 30.0, "psnr": 25.0, "n_images": 4}))
+    res = runner.invoke(app, ["gate", "--run-id", run_id, "--metrics", str(bad), "--config", str(params)])
+    assert res.exit_code == 1 and "Gate FAILED" in res.output
+    assert _client().get_run(run_id).data.tags["gate.passed"] == "false"
+
+    res = runner.invoke(app, ["promote", "--run-id", run_id, "--config", str(params)])
+    assert res.exit_code == 0, res.output
+    v1 = _client().get_model_version_by_alias(name, "champion").version
+    run2 = _run(logged_model, _good(fid=14.0))
+    res = runner.invoke(app, ["promote", "--run-id", run2, "--config", str(params)])
+    assert res.exit_code == 0, res.output
+    assert "promoted" in res.output
+    run3 = _run(logged_model, _good(fid=29.0))
+    res = runner.invoke(app, ["promote", "--run-id", run3, "--config", str(params)])
+    assert res.exit_code == 1 and "not promoted" in res.output
+    res = runner.invoke(app, ["promote", "--rollback", "--config", str(params)])
+    assert res.exit_code == 0, res.output
+    assert _client().get_model_version_by_alias(name, "champion").version == v1
+    res = runner.invoke(app, ["promote", "--rollback", "--config", str(params)])
+    assert res.exit_code == 1 and "previous_champion" in res.output
+    res = runner.invoke(app, ["promote", "--config", str(params)])
+    assert res.exit_code == 2
