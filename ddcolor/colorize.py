@@ -52,7 +52,7 @@ from ddcolor.imageio import (
     to_uint,
     write_image,
 )
-from ddcolor.model import INPUT_MULTIPLE, OFFICIAL_RELEASES, DDColor, build_model, prepare_for_inference
+from ddcolor.model import INPUT_MULTIPLE, DDColor, build_model, prepare_for_inference
 
 __all__ = [
     "AB_RANGE",
@@ -63,7 +63,6 @@ __all__ = [
     "RANDOM_INIT_WARNING",
     "ColorizeReport",
     "Colorizer",
-    "ModelNotAvailableError",
     "Skipped",
     "colorize_files",
     "expand_inputs",
@@ -87,21 +86,16 @@ RANDOM_INIT_WARNING = (
 
 
 # --- models ----------------------------------------------------------------------------------------------
-class ModelNotAvailableError(ValueError):
-    """A model reference of a kind this version cannot resolve yet (e.g. an MLflow ``models:/`` URI)."""
-
-
 def load_colorization_model(spec: str | os.PathLike[str], preset: str | None = None) -> DDColor:
     """Resolve what the user named into a `DDColor` in eval mode.
 
     Args:
         spec: an official release name (``ddcolor_paper_tiny``, ...; from the weights cache), one of our
-            ``.safetensors`` checkpoints, or an official ``.pth`` file. MLflow URIs (``models:/name@alias``) are
-            recognised but not available yet.
+            ``.safetensors`` checkpoints, an official ``.pth`` file, or an MLflow model URI
+            (``models:/ddcolor@champion``, from the registry at MLFLOW_TRACKING_URI).
         preset: model preset of an official ``.pth`` file; inferred from the checkpoint when None.
 
     Raises:
-        ModelNotAvailableError: an MLflow model URI.
         ddcolor.weights.WeightsNotFoundError: a release that is not in the cache (the message names the
             `ddcolor weights fetch` command).
         FileNotFoundError: no such release or file (the message lists what ``spec`` may be).
@@ -111,10 +105,9 @@ def load_colorization_model(spec: str | os.PathLike[str], preset: str | None = N
 
     text = str(spec)
     if text.startswith(("models:/", "runs:/")):
-        raise ModelNotAvailableError(
-            f"MLflow model URIs like {text!r} are not available yet: the registry issue adds them. For now pass an "
-            f"official release name ({', '.join(OFFICIAL_RELEASES)}) or a checkpoint file (.safetensors or .pth)."
-        )
+        from ddcolor.registry import load_registered_generator
+
+        return load_registered_generator(text)
     return load_model(spec, preset=preset)
 
 

@@ -345,3 +345,41 @@ def blessing(mv_tags: Mapping[str, str]) -> GateDecision | None:
     """The gate decision recorded on a model version (its tags), or None."""
     raw = mv_tags.get(BLESSING_TAG)
     return GateDecision.from_dict(json.loads(raw)) if raw else None
+
+
+def load_registered_generator(model_uri: str, *, tracking_uri: str | None = None):
+    """Load the generator behind an MLflow model URI (``models:/ddcolor@champion``, ``models:/ddcolor/3``,
+    ``models:/m-...``) as a `DDColor` in eval mode, from the safetensors checkpoint logged with it.
+
+    Raises:
+        FileNotFoundError: the URI cannot be resolved (no such model, version or alias; server unreachable).
+        ddcolor.model.CheckpointError: the model holds no ddcolor checkpoint.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ddcolor.model.checkpoint import CheckpointError, load_checkpoint
+
+    if tracking_uri is None:
+        from ddcolor.config import EnvSettings
+
+        tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
+    mlflow.set_registry_uri(tracking_uri)
+    target = Path(tempfile.mkdtemp(prefix="ddcolor-model-"))
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target), tracking_uri=tracking_uri)
+        )
+    except MlflowException as err:
+        raise FileNotFoundError(
+            f"cannot load {model_uri!r} from MLflow at {tracking_uri} ({err}); check MLFLOW_TRACKING_URI and the "
+            "model name/alias (`ddcolor promote` sets the champion alias)"
+        ) from err
+    checkpoints = sorted(local.rglob("*.safetensors"))
+    if not checkpoints:
+        raise CheckpointError(f"{model_uri!r} holds no .safetensors checkpoint (not a ddcolor generator?)")
+    log.info("loading %s from %s", model_uri, checkpoints[0])
+    return load_checkpoint(checkpoints[0]).eval()

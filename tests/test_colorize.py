@@ -185,8 +185,9 @@ def test_bf16_precision_runs(model):
     assert out.shape == (40, 50, 3)
 
 
-def test_model_references(empty_weights_cache, tmp_path):
-    with pytest.raises(colorize_module.ModelNotAvailableError, match="registry"):
+def test_model_references(empty_weights_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(FileNotFoundError, match="ddcolor promote"):
         load_colorization_model("models:/ddcolor@champion")
     with pytest.raises(FileNotFoundError, match="ddcolor weights"):
         load_colorization_model("ddcolor_paper_tiny")
@@ -390,7 +391,8 @@ def test_cli_colorize_bad_inputs_exit_nonzero(fast_random_init, tmp_path):
     assert all((tmp_path / "out" / p.name).is_file() for p in good)
 
 
-def test_cli_model_is_required_and_errors_name_the_fix(empty_weights_cache, tmp_path):
+def test_cli_model_is_required_and_errors_name_the_fix(empty_weights_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     source = save(Image.fromarray(photo(20, 20)), tmp_path / "a.png")
     result = run_cli("colorize", source, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "ddcolor_paper_tiny" in result.output and "--random-init" in result.output
@@ -399,7 +401,7 @@ def test_cli_model_is_required_and_errors_name_the_fix(empty_weights_cache, tmp_
     result = run_cli("colorize", source, "-o", tmp_path / "out", "--model", tmp_path / "missing.safetensors")
     assert result.exit_code == 1 and "ddcolor weights" in result.output
     result = run_cli("colorize", source, "-o", tmp_path / "out", "--model", "models:/ddcolor@champion")
-    assert result.exit_code == 1 and "not available yet" in result.output and "registry" in result.output
+    assert result.exit_code == 1 and "cannot load 'models:/ddcolor@champion'" in result.output
     result = run_cli("colorize", source, "-o", tmp_path / "out", "--model", "x", "--random-init")
     assert result.exit_code == 2
     assert not (tmp_path / "out").exists()

@@ -284,6 +284,12 @@ def test_champion_loads_as_pyfunc_and_predicts(env, logged_model):
         expected = logged_model[2](torch.from_numpy(x)).numpy()
     assert got.shape == (1, 2, 64, 64)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    # the same champion through ddcolor's own loader (`ddcolor colorize --model models:/NAME@champion`, `--init`)
+    from ddcolor.colorize import load_colorization_model
+
+    generator = load_colorization_model(f"models:/{cfg.registry.model_name}@champion")
+    with torch.inference_mode():
+        np.testing.assert_allclose(generator(torch.from_numpy(x)).numpy(), expected, atol=1e-6)
 
 
 def test_cli_gate_and_promote(env, logged_model, tmp_path, monkeypatch):

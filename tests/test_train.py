@@ -297,8 +297,9 @@ def test_init_missing_official_release_names_the_fetch_command(dataset, tmp_path
         train(tiny_config(), dataset, out_dir=tmp_path, init="official:ddcolor_paper_tiny", progress=False)
 
 
-def test_init_from_mlflow_uri_is_not_available_yet(dataset, tmp_path):
-    with pytest.raises(ValueError, match="model-registry"):
+def test_init_from_unknown_mlflow_model_names_the_uri(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(FileNotFoundError, match=r"cannot load 'models:/ddcolor@champion'"):
         train(tiny_config(), dataset, out_dir=tmp_path, init="models:/ddcolor@champion", progress=False)
 
 

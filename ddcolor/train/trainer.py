@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
-#: How ``init`` names an MLflow model (not loadable until the model-registry issue lands).
+#: How ``init`` names an MLflow model (loaded from the registry at MLFLOW_TRACKING_URI).
 MLFLOW_MODEL_PREFIX = "models:/"
 #: Metric name of each loss term returned by `ddcolor.losses.DDColorLoss` (unknown terms get ``loss_<name>``).
 _TERM_NAMES = {"total": "loss_g", "d_total": "loss_d"}
@@ -737,11 +737,11 @@ def _load_init(spec: str, config: Config) -> nn.Module:
     from ddcolor.model.checkpoint import load_model
 
     if spec.startswith(MLFLOW_MODEL_PREFIX):
-        raise ValueError(
-            f"init={spec!r}: starting from an MLflow registry model is not available until the model-registry issue "
-            "lands; download the model's checkpoint artifact and pass the .safetensors file instead"
-        )
-    model = load_model(spec).train()
+        from ddcolor.registry import load_registered_generator
+
+        model = load_registered_generator(spec).train()
+    else:
+        model = load_model(spec).train()
     arch = asdict(model.config)
     wanted = {"num_queries": config.model.num_queries, "dec_layers": config.model.dec_layers, "nf": config.model.nf}
     differs = {k: (v, arch[k]) for k, v in wanted.items() if arch.get(k) != v}
