@@ -12,6 +12,8 @@ Tags written on a model version:
 
 * ``lineage.run_id``, ``lineage.model_uri``, ``git.commit`` / ``git.dirty`` (from the run), every ``dataset.*`` run
   tag, and ``metric.<name>`` for each ``val/<name>`` run metric (what `champion_metrics` reads back);
+* ``onnx_artifact``: ``runs:/<run_id>/onnx/generator.onnx``, the generator exported to ONNX and logged on the run
+  (``register(..., attach_onnx=False)`` skips it);
 * on promotion: ``blessing`` (the gate decision as JSON; also written when the gate failed) and
   ``previous_champion`` (the version that was champion before, absent for the first champion).
 
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 MODEL_URI_TAG = "ddcolor.model_uri"
 METRIC_TAG_PREFIX = "metric."
+ONNX_TAG = "onnx_artifact"
 BLESSING_TAG = "blessing"
 PREVIOUS_TAG = "previous_champion"
 LOCK_SUFFIX = ".promotion-lock"
@@ -118,6 +121,7 @@ def register(
     *,
     metrics: Mapping[str, float] | None = None,
     tracking_uri: str | None = None,
+    attach_onnx: bool = True,
 ) -> str:
     """Register the run's model as a new version of ``config.registry.model_name`` and point the challenger at it.
 
@@ -126,6 +130,8 @@ def register(
         model_uri: ``models:/m-...`` (or ``runs:/...``); None reads the run's ``ddcolor.model_uri`` tag.
         config: names of the registered model and aliases.
         metrics: the eval metrics to record as ``metric.*`` tags; None = the run's ``val/*`` metrics.
+        attach_onnx: export the generator to ONNX (`ddcolor.export.export_onnx`), log it as the run artifact
+            ``onnx/generator.onnx`` and tag the version ``onnx_artifact=runs:/<run_id>/onnx/generator.onnx``.
 
     Returns:
         The new version number, as a string.
@@ -158,11 +164,28 @@ def register(
     mv = client.create_model_version(
         name, source=model_uri, run_id=run_id, tags=lineage, model_id=model_id, await_creation_for=60
     )
+    if attach_onnx:
+        onnx_uri = _attach_onnx(client, run_id, model_uri, tracking_uri)
+        client.set_model_version_tag(name, mv.version, ONNX_TAG, onnx_uri)
     client.set_registered_model_alias(name, config.registry.challenger_alias, mv.version)
     log.info(
         "registered %s version %s from run %s (alias %s)", name, mv.version, run_id, config.registry.challenger_alias
     )
     return str(mv.version)
+
+
+def _attach_onnx(client: MlflowClient, run_id: str, model_uri: str, tracking_uri: str | None) -> str:
+    """Export the generator behind `model_uri` to ONNX, log it as run artifact ``onnx/generator.onnx``; its URI."""
+    import tempfile
+    from pathlib import Path
+
+    from ddcolor.export import export_onnx
+
+    model = load_registered_generator(model_uri, tracking_uri=tracking_uri or client.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="ddcolor-onnx-") as tmp:
+        path = export_onnx(model, Path(tmp) / "generator.onnx")
+        client.log_artifact(run_id, str(path), "onnx")
+    return f"runs:/{run_id}/onnx/{path.name}"
 
 
 def _version_metrics(mv: Any) -> dict[str, float]:
@@ -367,19 +390,38 @@ def load_registered_generator(model_uri: str, *, tracking_uri: str | None = None
         from ddcolor.config import EnvSettings
 
         tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
-    mlflow.set_registry_uri(tracking_uri)
-    target = Path(tempfile.mkdtemp(prefix="ddcolor-model-"))
-    try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target), tracking_uri=tracking_uri)
-        )
-    except MlflowException as err:
-        raise FileNotFoundError(
-            f"cannot load {model_uri!r} from MLflow at {tracking_uri} ({err}); check MLFLOW_TRACKING_URI and the "
-            "model name/alias (`ddcolor promote` sets the champion alias)"
-        ) from err
-    checkpoints = sorted(local.rglob("*.safetensors"))
-    if not checkpoints:
-        raise CheckpointError(f"{model_uri!r} holds no .safetensors checkpoint (not a ddcolor generator?)")
-    log.info("loading %s from %s", model_uri, checkpoints[0])
-    return load_checkpoint(checkpoints[0]).eval()
+    with tempfile.TemporaryDirectory(prefix="ddcolor-model-") as target:
+        try:
+            # Resolve the registry reference with an explicit client: no process-wide MLflow URI is changed.
+            artifact_uri = _model_artifact_location(_client(tracking_uri), model_uri)
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=target, tracking_uri=tracking_uri
+                )
+            )
+        except MlflowException as err:
+            raise FileNotFoundError(
+                f"cannot load {model_uri!r} from MLflow at {tracking_uri} ({err}); check MLFLOW_TRACKING_URI and the "
+                "model name/alias (`ddcolor promote` sets the champion alias)"
+            ) from err
+        checkpoints = sorted(local.rglob("*.safetensors"))
+        if not checkpoints:
+            raise CheckpointError(f"{model_uri!r} holds no .safetensors checkpoint (not a ddcolor generator?)")
+        log.info("loading %s from %s", model_uri, checkpoints[0])
+        return load_checkpoint(checkpoints[0]).eval()
+
+
+def _model_artifact_location(client: MlflowClient, model_uri: str) -> str:
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/m-ID`` -> the logged model's artifact location."""
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, number = ref.split("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        return client.get_logged_model(ref).artifact_location
+    if getattr(version, "model_id", None):
+        return client.get_logged_model(version.model_id).artifact_location
+    return version.source

@@ -26,8 +26,9 @@ Failure policy:
   ``2 * timeout_s`` once, then not at all; a refused connection costs milliseconds.
 
 The final generator is logged as an MLflow ``LoggedModel`` (pyfunc flavor, :class:`DDColorPyfunc`): artifacts
-``checkpoint`` (safetensors) and ``config`` (JSON), a tensor signature (B,3,H,W) float32 gray RGB in [0, 1] ->
-(B,2,H,W) float32 ab; load it with ``mlflow.pyfunc.load_model(uri)``. The same two files are also run artifacts
+``checkpoint`` (safetensors) and ``config`` (JSON), a tensor signature uint8 (B,H,W,3) RGB images -> uint8
+(B,H,W,3) colorized images (param ``input_size``, default 512); load it with ``mlflow.pyfunc.load_model(uri)`` or
+serve it with ``mlflow models serve -m <uri>``. The same two files are also run artifacts
 under ``checkpoint/``, and the run gets the tag ``ddcolor.model_uri``.
 """
 
@@ -346,16 +347,19 @@ def _checkpoint_config(checkpoint: Path, tmp: Path) -> Path:
 
 
 def model_signature() -> Any:
-    """The pyfunc signature: (B,3,H,W) float32 gray RGB in [0, 1] -> (B,2,H,W) float32 ab; B, H, W free."""
+    """The pyfunc signature: uint8 (B,H,W,3) RGB images -> uint8 (B,H,W,3) colorized RGB; B, H, W free.
+
+    Param ``input_size`` (int, default 512): side of the square network input (a multiple of 32).
+    """
     import numpy as np
     from mlflow.models import infer_signature
     from mlflow.types.schema import Schema, TensorSpec
 
-    example = infer_signature(np.zeros((1, 3, 64, 64), np.float32), np.zeros((1, 2, 64, 64), np.float32))
-    free = [TensorSpec(spec.type, (-1, spec.shape[1], -1, -1), spec.name) for spec in example.inputs.inputs]
-    out = [TensorSpec(spec.type, (-1, spec.shape[1], -1, -1), spec.name) for spec in example.outputs.inputs]
-    example.inputs, example.outputs = Schema(free), Schema(out)
-    return example
+    example = np.zeros((1, 8, 8, 3), np.uint8)
+    signature = infer_signature(example, example, params={"input_size": 512})
+    signature.inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
+    signature.outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
+    return signature
 
 
 # --- pyfunc model ------------------------------------------------------------------------------------------
@@ -370,9 +374,15 @@ def _make_pyfunc_class() -> type:
     class DDColorPyfunc(mlflow.pyfunc.PythonModel):
         """MLflow pyfunc wrapper of a DDColor generator checkpoint.
 
-        Artifacts: ``checkpoint`` (our ``.safetensors``) and ``config`` (its JSON). ``predict`` takes a float32
-        array (B, 3, H, W) of gray RGB in [0, 1] (H, W multiples of 32) and returns the predicted ab channels
-        (B, 2, H, W) float32, exactly like ``DDColor.forward``.
+        Artifacts: ``checkpoint`` (our ``.safetensors``) and ``config`` (its JSON). ``predict`` takes
+
+        * images: uint8 (B, H, W, 3) RGB or (B, H, W) gray, any H, W (one size per batch) -> colorized uint8
+          (B, H, W, 3) RGB through `ddcolor.colorize.Colorizer` (param ``input_size``, default 512), or
+        * the network contract: float32 (B, 3, H, W) gray RGB in [0, 1] (H, W multiples of 32) -> ab
+          (B, 2, H, W) float32, exactly like ``DDColor.forward``.
+
+        The logged signature declares the image contract (uint8 (B, H, W, 3)), which ``PyFuncModel.predict`` and
+        ``mlflow models serve`` enforce; the other two inputs reach ``unwrap_python_model().predict(None, x)``.
         """
 
         # The model has a tensor signature; no type-hint based input validation (and no warning asking for hints).
@@ -386,17 +396,45 @@ def _make_pyfunc_class() -> type:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.device = torch.device(device)
             self.model = load_checkpoint(context.artifacts["checkpoint"]).eval().to(self.device)
+            self._colorizers: dict[int, Any] = {}
+
+        def _colorizer(self, input_size: int) -> Any:
+            from ddcolor.colorize import Colorizer
+
+            colorizers = self.__dict__.setdefault("_colorizers", {})
+            if input_size not in colorizers:
+                colorizers[input_size] = Colorizer(
+                    self.model, input_size=input_size, device=str(self.device), batch_size=8
+                )
+            return colorizers[input_size]
 
         def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate by them
             import numpy as np
             import torch
 
-            x = np.ascontiguousarray(np.asarray(model_input, dtype=np.float32))
-            if x.ndim == 3:
-                x = x[None]
-            with torch.inference_mode():
-                ab = self.model(torch.from_numpy(x).to(self.device))
-            return ab.float().cpu().numpy()
+            x = np.asarray(model_input)
+            if np.issubdtype(x.dtype, np.floating) and x.ndim in (3, 4) and x.shape[-3] == 3:
+                # the network contract: (B, 3, H, W) (or one (3, H, W)) gray RGB in [0, 1] -> ab
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                if x.ndim == 3:
+                    x = x[None]
+                with torch.inference_mode():
+                    ab = self.model(torch.from_numpy(x).to(self.device))
+                return ab.float().cpu().numpy()
+            if x.ndim == 4 and x.shape[-1] == 1:
+                x = x[..., 0]
+            if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
+                raise ValueError(
+                    f"expected uint8 (B, H, W, 3) RGB or (B, H, W) gray images, or float32 (B, 3, H, W) gray RGB; "
+                    f"got {x.dtype} {x.shape}"
+                )
+            if x.dtype != np.uint8:
+                if np.issubdtype(x.dtype, np.floating) or x.min() < 0 or x.max() > 255:
+                    raise ValueError(f"images must be uint8 (0..255), got {x.dtype}")
+                x = x.astype(np.uint8)
+            input_size = int((params or {}).get("input_size", 512) or 512)
+            colored = self._colorizer(input_size).colorize_batch(list(x))
+            return np.stack(colored).astype(np.uint8, copy=False)
 
     DDColorPyfunc.__module__ = __name__
     DDColorPyfunc.__qualname__ = "DDColorPyfunc"

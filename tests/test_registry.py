@@ -150,9 +150,9 @@ def _good(fid: float = 15.0) -> dict[str, float]:
     return {"fid": fid, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0}
 
 
-def _promote_run(logged_model, cfg, metrics) -> tuple[str, str, object]:
+def _promote_run(logged_model, cfg, metrics, attach_onnx: bool = False) -> tuple[str, str, object]:
     run_id = _run(logged_model, metrics)
-    version = register(run_id, None, cfg)
+    version = register(run_id, None, cfg, attach_onnx=attach_onnx)  # ONNX export (~2 s) checked in two tests
     decision = gate_run(run_id, cfg)
     return run_id, version, promote(version, decision, cfg)
 
@@ -165,6 +165,7 @@ def test_register_and_promote_sets_champion_with_lineage(env, logged_model):
     version = register(run_id, None, cfg)
     client = _client()
     assert client.get_model_version_by_alias(name, "challenger").version == version
+    assert client.get_model_version(name, version).tags["onnx_artifact"] == f"runs:/{run_id}/onnx/generator.onnx"
     decision = gate_run(run_id, cfg)
     assert decision.passed and decision.champion_version is None
     assert {c.name for c in decision.checks} == {"max_fid", "min_psnr"}  # no champion: thresholds only
@@ -184,7 +185,8 @@ def test_register_and_promote_sets_champion_with_lineage(env, logged_model):
     run = client.get_run(run_id)
     assert run.data.tags["gate.passed"] == "true"
     assert json.loads(run.data.tags["gate.checks"])["passed"] is True
-    assert [a.path for a in client.list_artifacts(run_id)] == ["gate.md"]
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["gate.md", "onnx"]
+    assert [a.path for a in client.list_artifacts(run_id, "onnx")] == ["onnx/generator.onnx"]
     assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")  # lock released
 
     # a second, better challenger is gated against the champion and replaces it
@@ -238,7 +240,7 @@ def test_racing_promotions_stay_consistent(env, logged_model):
     versions, decisions = [], []
     for fid in (14.9, 14.8):
         run_id = _run(logged_model, _good(fid))
-        versions.append(register(run_id, None, cfg))
+        versions.append(register(run_id, None, cfg, attach_onnx=False))
         decisions.append(gate_run(run_id, cfg))
     assert all(d.passed for d in decisions)
     barrier = threading.Barrier(2)
@@ -271,25 +273,39 @@ def test_racing_promotions_stay_consistent(env, logged_model):
     assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
 
 
-def test_champion_loads_as_pyfunc_and_predicts(env, logged_model):
+def test_champion_loads_as_pyfunc_and_predicts(env, logged_model, tmp_path):
     import mlflow
     import torch
 
+    from ddcolor.colorize import Colorizer
+    from ddcolor.export import OnnxColorModel
+
     cfg = env
-    _promote_run(logged_model, cfg, _good())
+    run_id, _, _ = _promote_run(logged_model, cfg, _good(), attach_onnx=True)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
+    got = pyfunc.predict(images, params={"input_size": 64})
+    expected = Colorizer(logged_model[2], input_size=64, device="cpu").colorize_batch(list(images))
+    assert got.dtype == np.uint8 and got.shape == (2, 40, 56, 3)
+    assert np.abs(got.astype(int) - np.stack(expected).astype(int)).max() <= 1
+    # the network contract (float32 gray RGB -> ab) and gray images, past the image-only signature
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    got = pyfunc.predict(x)
+    raw = pyfunc.unwrap_python_model()
     with torch.inference_mode():
-        expected = logged_model[2](torch.from_numpy(x)).numpy()
-    assert got.shape == (1, 2, 64, 64)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+        expected_ab = logged_model[2](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(raw.predict(None, x), expected_ab, atol=1e-5)
+    assert raw.predict(None, images[..., 0], params={"input_size": 64}).shape == (2, 40, 56, 3)
+    # the ONNX artifact of the version gives the same ab
+    onnx_uri = _client().get_model_version_by_alias(cfg.registry.model_name, "champion").tags["onnx_artifact"]
+    assert onnx_uri == f"runs:/{run_id}/onnx/generator.onnx"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=onnx_uri, dst_path=str(tmp_path))
+    np.testing.assert_allclose(OnnxColorModel(local).run_numpy(x), expected_ab, atol=1e-4)
     # the same champion through ddcolor's own loader (`ddcolor colorize --model models:/NAME@champion`, `--init`)
     from ddcolor.colorize import load_colorization_model
 
     generator = load_colorization_model(f"models:/{cfg.registry.model_name}@champion")
     with torch.inference_mode():
-        np.testing.assert_allclose(generator(torch.from_numpy(x)).numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(generator(torch.from_numpy(x)).numpy(), expected_ab, atol=1e-6)
 
 
 def test_cli_gate_and_promote(env, logged_model, tmp_path, monkeypatch):

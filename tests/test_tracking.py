@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import subprocess
@@ -196,6 +197,7 @@ def test_log_model_loads_as_pyfunc_with_same_output(mlflow_server, tmp_path, mon
     import mlflow
     import torch
 
+    from ddcolor.colorize import Colorizer
     from ddcolor.model import build_model
     from ddcolor.model.checkpoint import save_checkpoint
 
@@ -225,14 +227,99 @@ def test_log_model_loads_as_pyfunc_with_same_output(mlflow_server, tmp_path, mon
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     pyfunc = mlflow.pyfunc.load_model(uri)
-    inputs = pyfunc.metadata.get_input_schema().inputs
-    assert inputs[0].shape == (-1, 3, -1, -1)
+    spec = pyfunc.metadata.get_input_schema().inputs[0]
+    assert spec.shape == (-1, -1, -1, 3) and spec.type == np.dtype(np.uint8)
+    assert pyfunc.metadata.get_output_schema().inputs[0].shape == (-1, -1, -1, 3)
+    assert [(p.name, p.default) for p in pyfunc.metadata.get_params_schema().params] == [("input_size", 512)]
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
+    got = pyfunc.predict(images, params={"input_size": 64})
+    expected = Colorizer(model, input_size=64, device="cpu").colorize_batch(list(images))
+    assert got.dtype == np.uint8 and got.shape == (2, 40, 56, 3)
+    assert np.abs(got.astype(int) - np.stack(expected).astype(int)).max() <= 1
+    with pytest.raises(Exception, match=r"dtype|shape"):  # the signature is enforced
+        pyfunc.predict(images.astype(np.float32))
+    # the float gray-RGB network contract (B, 3, H, W) -> ab still works on the wrapped model
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
-    got = pyfunc.predict(x)
+    ab = pyfunc.unwrap_python_model().predict(None, x)
     with torch.inference_mode():
-        expected = model(torch.from_numpy(x)).numpy()
-    assert got.dtype == np.float32 and got.shape == (2, 2, 64, 64)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+        expected_ab = model(torch.from_numpy(x)).numpy()
+    assert ab.dtype == np.float32 and ab.shape == (2, 2, 64, 64)
+    np.testing.assert_allclose(ab, expected_ab, atol=1e-5)
+
+
+def _l_channel(images: np.ndarray) -> np.ndarray:
+    import torch
+
+    from ddcolor.color import rgb_to_lab
+
+    rgb = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    return rgb_to_lab(rgb)[:, 0].numpy()
+
+
+@pytest.mark.slow
+def test_logged_model_serves_colorized_images(mlflow_server, tmp_path):
+    """`mlflow models serve -m models:/m-...` answers /invocations with a colorized uint8 image."""
+    import json
+    import os
+    import signal
+    import urllib.error
+    import urllib.request
+
+    import torch
+
+    from ddcolor.model import build_model
+    from ddcolor.model.checkpoint import save_checkpoint
+
+    mlflow_server.start()
+    torch.manual_seed(0)
+    small = {"nf": 64, "hidden_dim": 64, "nheads": 4, "dim_feedforward": 128, "dec_layers": 1, "num_queries": 8}
+    model = build_model("atto", pretrained=None, **small).eval()
+    checkpoint = save_checkpoint(model, tmp_path / "generator")
+    tracker = MlflowTracker(mlflow_server.uri, experiment=_experiment(), log_system_metrics=False)
+    uri = tracker.log_model(checkpoint)
+    tracker.finish()
+    assert uri is not None
+
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
+    cmd += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    log_file = tmp_path / "serve.log"
+    with open(log_file, "wb") as out:
+        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, log_file.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, "model server did not answer /ping:\n" + log_file.read_text()[-3000:]
+            time.sleep(0.3)
+        image = np.random.default_rng(1).integers(0, 256, (1, 40, 56, 3), dtype=np.uint8)
+        body = json.dumps({"inputs": image.tolist(), "params": {"input_size": 64}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(5)
+    colored = np.asarray(answer["predictions"])
+    assert colored.shape == (1, 40, 56, 3)
+    assert colored.min() >= 0 and colored.max() <= 255
+    colored = colored.astype(np.uint8)
+    assert np.abs(_l_channel(colored) - _l_channel(image)).max() <= 1.5  # the input's lightness kept (8-bit)
+    assert not np.array_equal(colored, image)
 
 
 def test_embedded_sqlite_default(tmp_path, monkeypatch):
