@@ -215,6 +215,18 @@ def _patched(module: Any, name: str, value: Any):
             setattr(module, name, old)
 
 
+def _cached_state_dict(name: str, pretrained: str | None, what: str) -> dict | None:
+    """Weights of a metric network: from the weights cache ("cache"), or None for an explicit random init (warned)."""
+    if pretrained == "cache":
+        from ddcolor import weights
+
+        return weights.load_state_dict(name)
+    if pretrained is None:
+        warnings.warn(RANDOM_INIT_WARNING.format(what=what), stacklevel=3)
+        return None
+    raise ValueError(f"pretrained must be 'cache' or None, got {pretrained!r}")
+
+
 def build_fid_inception(pretrained: str | None = "cache", *, dims: int = FID_DIMS, seed: int = 0) -> nn.Module:
     """pytorch-fid's ``InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True)``.
 
@@ -234,15 +246,7 @@ def build_fid_inception(pretrained: str | None = "cache", *, dims: int = FID_DIM
 
     if dims not in pfi.InceptionV3.BLOCK_INDEX_BY_DIM:
         raise ValueError(f"dims must be one of {sorted(pfi.InceptionV3.BLOCK_INDEX_BY_DIM)}, got {dims}")
-    if pretrained == "cache":
-        from ddcolor import weights
-
-        state = weights.load_state_dict("pt_inception")
-    elif pretrained is None:
-        warnings.warn(RANDOM_INIT_WARNING.format(what="FID InceptionV3"), stacklevel=2)
-        state = None
-    else:
-        raise ValueError(f"pretrained must be 'cache' or None, got {pretrained!r}")
+    state = _cached_state_dict("pt_inception", pretrained, what="FID InceptionV3")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with _patched(pfi, "fid_inception_v3", _fid_inception_v3_factory(state)):
@@ -283,15 +287,7 @@ def build_lpips(pretrained: str | None = "cache", *, seed: int = 0) -> nn.Module
     """
     import lpips
 
-    if pretrained == "cache":
-        from ddcolor import weights
-
-        state = weights.load_state_dict("alexnet")
-    elif pretrained is None:
-        warnings.warn(RANDOM_INIT_WARNING.format(what="LPIPS AlexNet trunk"), stacklevel=2)
-        state = None
-    else:
-        raise ValueError(f"pretrained must be 'cache' or None, got {pretrained!r}")
+    state = _cached_state_dict("alexnet", pretrained, what="LPIPS AlexNet trunk")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation inside lpips
         torch.manual_seed(seed)
