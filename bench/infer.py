@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -39,21 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from procstats import cpu_name, reset_peak_rss, status_kib
 
 VARIANTS = ("eager", "fp32", "bf16", "fp16", "onnx")
 SEED = 0
 
 
 # --- worker (one variant, one fresh process) -------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
 def _trim_heap() -> None:
     """Return freed heap memory to the OS (glibc), so the baseline RSS counts live memory only."""
     try:
@@ -62,14 +53,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def _bench_input(batch: int, size: int) -> torch.Tensor:
@@ -117,9 +100,9 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _status_kib("VmRSS")
+        base = status_kib("VmRSS")
         maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
     start = time.perf_counter()
     out = run()  # warm-up (oneDNN primitive creation, onnxruntime allocations)
     warmup_ms = (time.perf_counter() - start) * 1e3
@@ -132,7 +115,7 @@ def worker(spec: dict) -> dict:
         peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20 if variant != "onnx" else float("nan")
         method = "cuda max_memory_allocated"
     elif reset and base is not None:
-        peak_mib = (_status_kib("VmHWM") - base) / 1024
+        peak_mib = (status_kib("VmHWM") - base) / 1024
         method = "VmHWM-VmRSS after clear_refs"
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before) / 1024
@@ -148,16 +131,6 @@ def worker(spec: dict) -> dict:
 
 
 # --- parent -------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+from procstats import cpu_name, reset_peak_rss, status_kib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,23 +63,6 @@ SEED = 0
 
 
 # --- worker (one preset x variant, one fresh process) ----------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 class _PeakTracker:
     """A `ddcolor.tracking.Tracker` that only resets the memory peak when the warm-up ends and reads it at the end."""
 
@@ -99,13 +82,13 @@ class _PeakTracker:
                 torch.cuda.reset_peak_memory_stats(self.device)
             else:
                 self.maxrss_at_warmup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                self.clear_refs = self.base_kib is not None and _reset_peak_rss()
+                self.clear_refs = self.base_kib is not None and reset_peak_rss()
         elif step == self.last:
             if self.device.type == "cuda":
                 self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
                 self.method = "cuda max_memory_allocated"
             elif self.clear_refs:
-                self.peak_mib = (_status_kib("VmHWM") - self.base_kib) / 1024
+                self.peak_mib = (status_kib("VmHWM") - self.base_kib) / 1024
                 self.method = "VmHWM (reset after warm-up) - VmRSS before setup"
             else:
                 peak = max(self.maxrss_at_warmup, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -143,7 +126,7 @@ def worker(spec: dict) -> dict:
     warmup, steps = spec["warmup"], spec["steps"]
     config = load_config(None, spec["overrides"])
     gc.collect()
-    base_kib = _status_kib("VmRSS") if device.type == "cpu" else None
+    base_kib = status_kib("VmRSS") if device.type == "cpu" else None
     tracker = _PeakTracker(device, warmup, warmup + steps, base_kib)
     out = Path(spec["out"])
     trainer = Trainer(
@@ -178,16 +161,6 @@ def worker(spec: dict) -> dict:
 
 
 # --- parent --------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def run_worker(spec: dict, timeout: float) -> dict:
     try:
         proc = subprocess.run(
