@@ -589,6 +589,12 @@ def evaluate_command(
     ),
     track: bool = typer.Option(True, "--track/--no-track", help="Log metrics to MLflow (MLFLOW_TRACKING_URI)."),
     run_name: str | None = typer.Option("evaluate", "--run-name", help="MLflow run name."),
+    run_id: str | None = typer.Option(
+        None,
+        "--run-id",
+        help="Log into this existing MLflow run instead of a new one; 'model' = the training run recorded in the "
+        "checkpoint (so `ddcolor gate/promote --run-id` see the val/* metrics on the run that made the model).",
+    ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -599,7 +605,7 @@ def evaluate_command(
     from ddcolor.data.loader import ShardError
     from ddcolor.evaluate import evaluate
     from ddcolor.model import CheckpointError
-    from ddcolor.model.checkpoint import load_model
+    from ddcolor.model.checkpoint import checkpoint_run_id, load_model
     from ddcolor.storage import StorageError
     from ddcolor.tracking import TrackingError, start_tracker
 
@@ -608,6 +614,12 @@ def evaluate_command(
         network = load_model(model)
     except (weights.WeightsError, FileNotFoundError, CheckpointError, ValueError) as err:
         raise _model_error(err) from None
+    if run_id == "model":
+        run_id = checkpoint_run_id(model)
+        if run_id is None:
+            typer.echo(f"Error: {model} records no MLflow run (trained without tracking?); give --run-id ID", err=True)
+            raise typer.Exit(1)
+    random_init_metrics = random_init_metrics or cfg.eval.metric_weights == "random"
     if random_init_metrics:
         typer.echo(
             "WARNING: --random-init-metrics: FID and LPIPS use RANDOM Inception/AlexNet networks; their values are "
@@ -615,7 +627,7 @@ def evaluate_command(
             err=True,
         )
     try:
-        tracker = start_tracker(cfg, enabled=track, run_name=run_name)
+        tracker = start_tracker(cfg, enabled=track, run_name=run_name, run_id=run_id)
     except TrackingError as err:
         typer.echo(f"Error: {err} (or pass --no-track)", err=True)
         raise typer.Exit(1) from None

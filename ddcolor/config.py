@@ -267,6 +267,13 @@ class EvalConfig(_Section):
         description="Inception weights for FID (pytorch-fid's port of the TF 2015-12-05 graph).",
     )
 
+    metric_weights: Literal["cache", "random"] = Field(
+        "cache",
+        description="Weights of the metric networks (Inception for FID, AlexNet for LPIPS): 'cache' = the pretrained "
+        "files from the weights cache (fails with instructions when missing); 'random' = random init, for smoke "
+        "tests and offline demos only: FID and LPIPS values are then MEANINGLESS (a warning says so).",
+    )
+
     @field_validator("metrics")
     @classmethod
     def _check_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -172,6 +172,12 @@ class NullTracker:
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
+def _run_tags(tags: Mapping[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in tags.items()]
+
+
 def _redact(uri: str) -> str:
     """The URI with any password replaced by ``***``."""
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
@@ -466,6 +472,8 @@ class MlflowTracker:
         tags: extra tags set at start (e.g. ``dataset_version(...).as_tags()``).
         reconnect_every_s: while the server is unreachable, check at most this often whether it is back.
         artifact_timeout_s: per-request timeout for artifact and model uploads (big files through the server).
+        run_id: attach to this existing run instead of creating one (e.g. evaluation logging ``val/*`` metrics
+            into the training run that produced the model); ``experiment`` and ``run_name`` are then ignored.
 
     Raises:
         TrackingError: the server/store cannot be reached or the run cannot be created.
@@ -484,6 +492,7 @@ class MlflowTracker:
         tags: Mapping[str, Any] | None = None,
         reconnect_every_s: float = 30.0,
         artifact_timeout_s: float = 600.0,
+        run_id: str | None = None,
     ) -> None:
         if tracking_uri is None:
             from ddcolor.config import EnvSettings
@@ -526,20 +535,37 @@ class MlflowTracker:
                 import mlflow
 
                 self._client = mlflow.MlflowClient(tracking_uri)
-                self.experiment_id = self._experiment_id(experiment)
-                start_tags = _mlflow_context_tags()
-                start_tags.update(run_context_tags())
-                start_tags.update({k: _stringify(v) for k, v in (tags or {}).items()})
-                run = self._client.create_run(self.experiment_id, run_name=run_name, tags=self._tag_values(start_tags))
+                if run_id is not None:
+                    run = self._client.get_run(run_id)
+                    self.experiment_id = run.info.experiment_id
+                    if tags:
+                        self._client.log_batch(run_id, tags=_run_tags(self._tag_values(tags)), synchronous=True)
+                else:
+                    self.experiment_id = self._experiment_id(experiment)
+                    start_tags = _mlflow_context_tags()
+                    start_tags.update(run_context_tags())
+                    start_tags.update({k: _stringify(v) for k, v in (tags or {}).items()})
+                    run = self._client.create_run(
+                        self.experiment_id, run_name=run_name, tags=self._tag_values(start_tags)
+                    )
         except TrackingError:
             raise
         except Exception as err:
-            raise TrackingError(
-                f"cannot start an MLflow run on {shown} (experiment {experiment!r}): {type(err).__name__}: {err}"
-            ) from err
+            what = (
+                f"open MLflow run {run_id}"
+                if run_id is not None
+                else f"start an MLflow run (experiment {experiment!r})"
+            )
+            raise TrackingError(f"cannot {what} on {shown}: {type(err).__name__}: {err}") from err
         self._run_id = run.info.run_id
         atexit.register(self._at_exit)
-        log.info("MLflow run %s (%s) in experiment %r on %s", self._run_id, run.info.run_name, experiment, shown)
+        log.info(
+            "MLflow run %s (%s)%s on %s",
+            self._run_id,
+            run.info.run_name,
+            " (attached)" if run_id is not None else f" in experiment {experiment!r}",
+            shown,
+        )
         if log_system_metrics:
             self._start_system_metrics(resume=False)
 
@@ -889,9 +915,13 @@ def start_tracker(
     tracking_uri: str | None = None,
     tags: Mapping[str, Any] | None = None,
     log_system_metrics: bool = True,
+    run_id: str | None = None,
 ) -> Tracker:
     """The trainer's tracker: a `NullTracker` when not `enabled`, else an `MlflowTracker` run in
     ``config.registry.experiment_name`` with every parameter (``config.to_flat_dict()``) logged.
+
+    With `run_id`, the tracker attaches to that existing run (its parameters are already logged; nothing is
+    re-logged), so e.g. evaluation metrics land on the training run the registry gates.
 
     Raises:
         TrackingError: tracking is enabled but the server/store cannot be used.
@@ -902,8 +932,10 @@ def start_tracker(
         tracking_uri,
         experiment=config.registry.experiment_name,
         run_name=run_name,
-        log_system_metrics=log_system_metrics,
+        log_system_metrics=log_system_metrics and run_id is None,
         tags=tags,
+        run_id=run_id,
     )
-    tracker.log_params(config.to_flat_dict())
+    if run_id is None:
+        tracker.log_params(config.to_flat_dict())
     return tracker

@@ -22,7 +22,7 @@ from ddcolor.model.ddcolor import DDColor, DDColorConfig
 from ddcolor.model.encoder import Encoder
 from ddcolor.storage import write_local_atomic
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "checkpoint_run_id", "load_checkpoint", "load_model", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,21 @@ def _read_config(path: Path) -> dict:
             "if it is an official checkpoint, load it with `load_official` or pass a `.pth`"
         )
     return json.loads(metadata["ddcolor"])
+
+
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The MLflow run that trained the checkpoint at `path` (its ``extra.run_id``), or None (untracked, official).
+
+    Only our ``.safetensors`` files record one; anything else (release names, ``.pth``, missing files) gives None.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        run_id = _read_config(path).get("extra", {}).get("run_id")
+    except (CheckpointError, OSError, ValueError):
+        return None
+    return str(run_id) if run_id else None
 
 
 def load_checkpoint(path: str | Path) -> DDColor:
