@@ -424,4 +424,8 @@ def _model_artifact_location(client: MlflowClient, model_uri: str) -> str:
         return client.get_logged_model(ref).artifact_location
     if getattr(version, "model_id", None):
         return client.get_logged_model(version.model_id).artifact_location
+    # some servers return no model_id but source="models:/m-<id>": resolve it through *this* client, not through
+    # MLflow's process-wide tracking URI (which may point at another store)
+    if version.source.startswith("models:/m-"):
+        return client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
     return version.source
