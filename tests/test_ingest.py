@@ -201,6 +201,15 @@ def test_incompatible_dataset_is_refused(tmp_path):
         ingest(tmp_path / "src", tmp_path / "ds", _cfg(size=128), num_workers=0)
 
 
+def test_damaged_shard_is_named_on_rerun(tmp_path):
+    make_random_images(tmp_path / "src", 2)
+    ingest(tmp_path / "src", tmp_path / "ds", _cfg(), num_workers=0)
+    shard = next((tmp_path / "ds").rglob("*.parquet"))
+    shard.write_bytes(b"PAR1 this is not parquet PAR1")
+    with pytest.raises(IngestError, match=rf"{shard.name}: unreadable shard .*dataset at .* is damaged"):
+        ingest(tmp_path / "src", tmp_path / "ds", _cfg(), num_workers=0)
+
+
 def test_all_bad_source_still_writes_an_empty_dataset(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "x.jpg").write_bytes(b"")

@@ -368,6 +368,11 @@ def _known_hashes(dest: str, manifest: dict[str, Any] | None) -> frozenset[str]:
                 hashes.update(pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist())
         except storage.StorageNotFoundError:
             raise IngestError(f"{uri}: listed in the manifest but missing; the dataset at {dest} is damaged") from None
+        except (OSError, ValueError, KeyError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError OSError
+            raise IngestError(
+                f"{uri}: unreadable shard ({type(err).__name__}: {err}); the dataset at {dest} is damaged: restore it "
+                "(`dvc checkout data/shards`, `dvc pull`) or ingest into a new destination"
+            ) from None
     return frozenset(hashes)
 
 

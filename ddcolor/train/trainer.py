@@ -273,7 +273,7 @@ class Trainer:
         # models (the same seed on every rank: identical initial weights, as DDP requires)
         _seed_all(tc.seed)
         perceptual_pretrained = cfg.model.pretrained
-        if perceptual_pretrained is None:
+        if perceptual_pretrained is None and tc.loss_perceptual > 0:
             log.warning("perceptual loss uses a RANDOM VGG16-BN (model.pretrained=null): for tests only")
         self.criterion = DDColorLoss(LossWeights.from_config(tc), PerceptualLoss(pretrained=perceptual_pretrained))
         torch.manual_seed(tc.seed + 1)
