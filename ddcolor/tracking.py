@@ -297,17 +297,30 @@ def _mlflow_context_tags() -> dict[str, str]:
 
 @contextlib.contextmanager
 def _use_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to `uri` only inside the block (``Model.log`` reads it)."""
-    try:
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri as use
-    except ImportError:  # pragma: no cover - other MLflow versions: set it for good
-        import mlflow
+    """MLflow's process-wide tracking URI set to `uri` only inside the block (``Model.log`` reads it).
 
-        mlflow.set_tracking_uri(uri)
-        yield
-        return
-    with use(uri):
-        yield
+    The environment variable ``MLFLOW_TRACKING_URI`` is the same afterwards as before: MLflow's own helper restores
+    its global URI, and restoring it to "never set" (None) *unsets* the variable (``set_tracking_uri(None)``), which
+    would send every later call in this process (e.g. evaluation after training in one flow run) to the default
+    ``sqlite:///mlflow.db``.
+    """
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        try:
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri as use
+        except ImportError:  # pragma: no cover - other MLflow versions: set it for good
+            import mlflow
+
+            mlflow.set_tracking_uri(uri)
+            yield
+            return
+        with use(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -338,3 +338,39 @@ def test_embedded_sqlite_default(tmp_path, monkeypatch):
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(3, 0.5)]
     assert client.list_artifacts(tracker.run_id, "images")
     assert client.get_run(failed.run_id).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("before", [None, "sqlite:////tmp/ddcolor-elsewhere.db"])
+def test_temporary_tracking_uri_leaves_the_environment_as_it_was(monkeypatch, tmp_path, before):
+    # MLflow's own helper unsets MLFLOW_TRACKING_URI on exit; a flow run that trains then evaluates in one process
+    # would then look for the training run in ./mlflow.db
+    import os
+
+    from ddcolor.tracking import _use_tracking_uri
+
+    if before is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+    with _use_tracking_uri(f"sqlite:///{tmp_path}/inside.db"):
+        pass
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+
+
+def test_attached_tracker_logs_into_the_existing_run(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(None)
+    first = start_tracker(cfg, tracking_uri=uri, run_name="train", log_system_metrics=False)
+    first.log_metrics({"loss": 1.0}, step=1)
+    first.finish("FINISHED")
+    attached = start_tracker(cfg, tracking_uri=uri, run_id=first.run_id, tags={"stage": "eval"})
+    attached.log_metrics({"val/psnr": 21.5}, step=1)
+    attached.finish("FINISHED")
+    run = mlflow.MlflowClient(uri).get_run(first.run_id)
+    assert attached.run_id == first.run_id
+    assert run.data.metrics == {"loss": 1.0, "val/psnr": 21.5}
+    assert run.data.tags["stage"] == "eval" and run.info.status == "FINISHED"
+    with pytest.raises(TrackingError, match="cannot open MLflow run no-such-run"):
+        start_tracker(cfg, tracking_uri=uri, run_id="no-such-run")
