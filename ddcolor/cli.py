@@ -171,22 +171,208 @@ def colorize_command(
         raise typer.Exit(1)
 
 
-# --- demo ----------------------------------------------------------------------------------------------
+# --- demo and pipeline ---------------------------------------------------------------------------------
+def _flow_sections(overrides: list[str]) -> dict[str, dict]:
+    """``["train.max_steps=50", "model.pretrained=null"]`` -> flow parameters ``{"train": {"max_steps": 50}, ...}``
+    (values parsed as YAML, as `load_config` does; the flow validates them)."""
+    import yaml
+
+    sections: dict[str, dict] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            typer.echo(f"Error: override {item!r}: expected SECTION.KEY=VALUE, e.g. train.max_steps=50", err=True)
+            raise typer.Exit(2)
+        sections.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else None
+    return sections
+
+
+def _load_flow():
+    """The `train-ddcolor` flow from this checkout's flows/ (not part of the installed package), on local Prefect.
+
+    Without PREFECT_API_URL, Prefect runs a temporary local server on the SQLite database in PREFECT_HOME: it is
+    kept in ./.prefect (git-ignored), so `PREFECT_HOME=.prefect prefect server start` shows these runs later.
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "flows" / "train_ddcolor.py").is_file():
+        typer.echo(f"Error: no flows/train_ddcolor.py next to {root / 'ddcolor'}; run from a source checkout", err=True)
+        raise typer.Exit(1)
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    from flows.train_ddcolor import train_ddcolor
+
+    return train_ddcolor
+
+
+def _pipeline(params: dict, no_prefect: bool, progress: bool):
+    """Run the pipeline (flow, or `run_pipeline` with --no-prefect); the `PipelineResult`; exit 1 if it failed."""
+    import json
+
+    from ddcolor.pipeline import PipelineResult, run_pipeline, section_overrides
+
+    if no_prefect:
+        sections = {k: params[k] for k in ("data", "model", "train", "eval", "gates", "registry") if k in params}
+        dotted = [f"{key}={json.dumps(value)}" for key, value in section_overrides(**sections).items()]
+        cfg = _train_config(params["config_path"], dotted)
+        result = run_pipeline(
+            cfg,
+            params["source"],
+            work_dir=params["work_dir"],
+            force=params["force"],
+            progress=progress,
+            colorize=params["colorize"],
+            nproc_per_node=params["nproc_per_node"],
+        )
+    else:
+        flow = _load_flow()
+        state = flow(**params, return_state=True)
+        if not state.is_completed():
+            typer.echo(f"Error: flow run {state.name}: {state.message}", err=True)
+            raise typer.Exit(1)
+        result = PipelineResult(**state.result())  # the flow has logged its summary
+    if no_prefect:
+        typer.echo(result.summary())
+    if result.status == "validation_failed":
+        typer.echo(f"Error: {result.reason}", err=True)
+        raise typer.Exit(1)
+    return result
+
+
+@app.command("pipeline")
+def pipeline_command(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[KEY=VALUE]...", help="Config overrides, e.g. train.max_steps=50 gates.max_fid=30."),
+    ] = None,
+    source: str | None = typer.Option(
+        None, "--source", "-s", help="Raw images (folder or s3://). Default: data.source."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
+    ),
+    work_dir: str = typer.Option(
+        "runs/pipeline", "--work-dir", "-o", help="Reports, training runs and the sample grid go here."
+    ),
+    force: bool = typer.Option(False, "--force", help="Train even if the champion has the same data and config."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the steps in this process without Prefect."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="GPUs for torchrun DDP training."),
+    colorize: bool = typer.Option(True, "--colorize/--no-colorize", help="Colorize the sample photos at the end."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (--no-prefect only)."),
+) -> None:
+    """Ingest -> validate -> train -> evaluate -> gate -> promote -> colorize, as the `train-ddcolor` Prefect flow.
+
+    Skips training when the champion was trained on the same dataset version and config (unless --force). Exit code
+    0 when the run completed (promoted, not promoted by the gates, or skipped), 1 when validation or a step failed,
+    2 on a bad configuration. Without PREFECT_API_URL the flow runs on a local Prefect database in ./.prefect.
+    """
+    from pathlib import Path
+
+    path = config if config is not None else ("params.yaml" if Path("params.yaml").is_file() else None)
+    _train_config(path, overrides or [])  # a bad key is exit 2 before anything starts
+    params = {
+        "config_path": path,
+        "source": source,
+        **_flow_sections(overrides or []),
+        "force": force,
+        "work_dir": work_dir,
+        "nproc_per_node": nproc_per_node,
+        "colorize": colorize,
+    }
+    _pipeline(params, no_prefect, progress)
+
+
 @app.command("demo")
 def demo_command(
-    out: str = typer.Option("demo_out", "--out", "-o", help="Output folder (gray/, color/, grid.png)."),
+    out: str = typer.Option("demo_out", "--out", "-o", help="Output folder (data/, runs/, samples/grid.png, ...)."),
+    colorize_only: bool = typer.Option(
+        False, "--colorize-only", help="Only colorize the sample photos (no training): gray/, color/, grid.png."
+    ),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Training steps (default: about 2 minutes on CPU)."),
+    force: bool = typer.Option(False, "--force", help="Retrain even if data and config are unchanged."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the pipeline without Prefect."),
     model: str | None = typer.Option(
         None,
         "--model",
         "-m",
-        help="Release name or checkpoint; default: ddcolor_paper_tiny if cached, else random-init atto (warned).",
+        help="(--colorize-only) Release name, checkpoint or models:/ URI; default: ddcolor_paper_tiny if cached, else "
+        "random-init atto (warned).",
     ),
-    input_size: int = typer.Option(256, "--input-size", help="Network resolution, px (multiple of 32)."),
-    device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option("auto", "--device", help="Where the network runs."),
-    precision: Literal["fp32", "bf16", "fp16"] = typer.Option("fp32", "--precision", help="Network precision."),
-    random_init: bool = typer.Option(False, "--random-init", help="Force a random-init atto model (smoke test)."),
+    input_size: int = typer.Option(256, "--input-size", help="(--colorize-only) Network resolution, px (x32)."),
+    device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option(
+        "auto", "--device", help="(--colorize-only) Where the network runs."
+    ),
+    precision: Literal["fp32", "bf16", "fp16"] = typer.Option(
+        "fp32", "--precision", help="(--colorize-only) Network precision."
+    ),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="(--colorize-only) Force a random-init atto model (smoke test)."
+    ),
 ) -> None:
-    """Colorize scikit-image sample photos and write a gray | colorized | original grid."""
+    """The whole platform on built-in samples: ingest, validate, train atto for ~2 minutes on CPU, evaluate, gate,
+    promote, colorize the sample photos with the champion. Re-running skips training when nothing changed.
+
+    Runs the `train-ddcolor` Prefect flow on a local Prefect database (./.prefect) and MLflow at MLFLOW_TRACKING_URI
+    (default sqlite:///mlflow.db); the model is registered as `ddcolor-demo`. --colorize-only (implied by --model or
+    --random-init) only colorizes the photos with a released or random-init model.
+    """
+    if model is not None or random_init:
+        colorize_only = True
+    if colorize_only:
+        _colorize_demo(out, model, input_size, device, precision, random_init)
+        return
+    _pipeline_demo(out, steps, force, no_prefect)
+
+
+def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool) -> None:
+    import time
+    from pathlib import Path
+
+    from ddcolor.config import EnvSettings
+    from ddcolor.data.samples import write_samples
+    from ddcolor.demo import PIPELINE_DEMO_IMAGES, PIPELINE_DEMO_STEPS, pipeline_demo_sections
+
+    started = time.monotonic()
+    sections, warnings = pipeline_demo_sections(out, steps=steps or PIPELINE_DEMO_STEPS)
+    for warning in warnings:
+        typer.echo(f"WARNING: {warning}", err=True)
+    write_samples(sections["data"]["source"], PIPELINE_DEMO_IMAGES)
+    params = {
+        "config_path": "params.yaml" if Path("params.yaml").is_file() else None,
+        "source": None,
+        **sections,
+        "force": force,
+        "work_dir": out,
+        "nproc_per_node": 1,
+        "colorize": True,
+    }
+    result = _pipeline(params, no_prefect, progress=True)
+    name = sections["registry"]["model_name"]
+    tracking = EnvSettings.from_env().mlflow_tracking_uri
+    ui = "mlflow ui --backend-store-uri " + tracking if not tracking.startswith("http") else tracking
+    typer.echo("")
+    typer.echo(f"demo finished in {time.monotonic() - started:.0f} s: {result.status.replace('_', ' ')}")
+    typer.echo(f"  sample grid (gray | champion | original): {result.grid}")
+    typer.echo(f"  output folder:  {Path(out).resolve()}")
+    typer.echo(f"  MLflow:         {ui}   (experiment {name}, registered model {name})")
+    if not no_prefect:
+        home = Path(".prefect").resolve()
+        typer.echo(f"  Prefect:        PREFECT_HOME={home} prefect server start   (flow train-ddcolor)")
+    typer.echo(f"  your photos:    ddcolor colorize PHOTOS -o OUT --model models:/{name}@champion")
+    if warnings:
+        typer.echo("  (trained and scored without pretrained weights: see the warnings above)", err=True)
+
+
+def _colorize_demo(out: str, model: str | None, input_size: int, device: str, precision: str, random_init: bool):
     from ddcolor import weights
     from ddcolor.demo import run_demo
     from ddcolor.model import CheckpointError
@@ -661,9 +847,32 @@ def _registry_fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _run_id_of(run_id: str | None, model: str | None) -> str:
+    """`--run-id` as given, or the training run recorded in the `--model` checkpoint; exit 1/2 when unusable."""
+    from ddcolor.model.checkpoint import checkpoint_run_id
+
+    if (run_id is None) == (model is None):
+        typer.echo("Error: give exactly one of --run-id ID or --model PATH", err=True)
+        raise typer.Exit(2)
+    if run_id is not None:
+        return run_id
+    found = checkpoint_run_id(model)
+    if found is None:
+        typer.echo(
+            f"Error: {model} records no MLflow run (missing, not a .safetensors checkpoint of ours, or trained with "
+            "--no-track); give --run-id ID",
+            err=True,
+        )
+        raise typer.Exit(1)
+    return found
+
+
 @app.command("gate")
 def gate_command(
-    run_id: str = typer.Option(..., "--run-id", help="MLflow run whose model is the challenger."),
+    run_id: str | None = typer.Option(None, "--run-id", help="MLflow run whose model is the challenger."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Or: a trained .safetensors checkpoint; gate the MLflow run recorded in it."
+    ),
     metrics: str | None = typer.Option(
         None, "--metrics", help="metrics.json from `ddcolor evaluate` (default: the run's val/* metrics)."
     ),
@@ -680,6 +889,7 @@ def gate_command(
     from ddcolor.registry import RegistryError, gate_run
 
     cfg = _train_config(config, [])
+    run_id = _run_id_of(run_id, model)
     try:
         values = json.loads(Path(metrics).read_text()) if metrics else None
         decision = gate_run(run_id, cfg, metrics=values)
@@ -690,11 +900,44 @@ def gate_command(
         raise typer.Exit(1)
 
 
+def _write_promotion(path: str, record: dict) -> None:
+    """Write the promotion record as JSON (atomically: a reader never sees half a file)."""
+    import json
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    typer.echo(f"decision: {path}")
+
+
 @app.command("promote")
 def promote_command(
     run_id: str | None = typer.Option(None, "--run-id", help="Register this run's model, gate it, promote it."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Or: a trained .safetensors checkpoint; promote the MLflow run recorded in it (its .json sidecar).",
+    ),
     do_rollback: bool = typer.Option(
         False, "--rollback", help="Move the champion back to its previous_champion instead."
+    ),
+    out: str | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Also write the outcome as JSON: decision (promoted|already_champion|rejected|rolled_back), promoted, "
+        "gate_passed, version, champion, previous_champion, run_id, checks (for `dvc metrics show`).",
+    ),
+    fail_on_reject: bool = typer.Option(
+        True,
+        "--fail-on-reject/--no-fail-on-reject",
+        help="Exit 1 when the gate rejects the challenger (default); --no-fail-on-reject exits 0 (the rejection is "
+        "a result, recorded by --out: pipelines such as `dvc repro`).",
     ),
     config: str | None = typer.Option(
         None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
@@ -705,16 +948,24 @@ def promote_command(
 
     from ddcolor.registry import RegistryError, gate_run, promote, register, rollback
 
-    if (run_id is None) == (not do_rollback):
-        typer.echo("Error: give exactly one of --run-id ID or --rollback", err=True)
+    if do_rollback and (run_id is not None or model is not None):
+        typer.echo("Error: give exactly one of --run-id ID, --model PATH or --rollback", err=True)
         raise typer.Exit(2)
     cfg = _train_config(config, [])
     name, alias = cfg.registry.model_name, cfg.registry.champion_alias
-    try:
-        if do_rollback:
+    if do_rollback:
+        try:
             result = rollback(cfg)
-            typer.echo(f"rolled back {name}@{alias}: version {result.previous_champion} -> {result.champion}")
-            return
+        except (RegistryError, MlflowException) as err:
+            raise _registry_fail(err) from None
+        typer.echo(f"rolled back {name}@{alias}: version {result.previous_champion} -> {result.champion}")
+        if out:
+            record = {"decision": "rolled_back", "promoted": True, "model_name": name, "version": result.version}
+            record.update(champion=result.champion, previous_champion=result.previous_champion)
+            _write_promotion(out, record)
+        return
+    run_id = _run_id_of(run_id, model)
+    try:
         decision = gate_run(run_id, cfg)
         version = register(run_id, None, cfg)
         result = promote(version, decision, cfg)
@@ -722,12 +973,114 @@ def promote_command(
         raise _registry_fail(err) from None
     typer.echo(decision.table())
     if result.promoted:
+        outcome = "promoted"
         typer.echo(f"promoted {name} version {version} to @{alias} (previous: {result.previous_champion or 'none'})")
     elif decision.passed:
+        outcome = "already_champion"
         typer.echo(f"{name} version {version} is already @{alias}")
     else:
+        outcome = "rejected"
         typer.echo(f"{name} version {version} not promoted (gate failed); @{alias} stays {result.champion or 'unset'}")
+    if out:
+        _write_promotion(
+            out,
+            {
+                "decision": outcome,
+                "promoted": result.promoted,
+                "gate_passed": decision.passed,
+                "model_name": name,
+                "version": version,
+                "champion": result.champion,
+                "previous_champion": result.previous_champion,
+                "run_id": run_id,
+                "checks": decision.to_dict()["checks"],
+            },
+        )
+    if outcome == "rejected" and fail_on_reject:
         raise typer.Exit(1)
+
+
+# --- ui ------------------------------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command("ui")
+def ui_command(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback exposes the page."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535, help="TCP port."),
+    auth_token: str | None = typer.Option(
+        None,
+        "--auth-token",
+        envvar="DDCOLOR_UI_TOKEN",
+        help="Require this token (HTTP basic-auth password, any user name, or 'Authorization: Bearer TOKEN').",
+    ),
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option("--checkpoint", metavar="PATH", help="Checkpoint file or folder to offer (repeatable)."),
+    ] = None,
+    allow_paths: bool | None = typer.Option(
+        None,
+        "--allow-paths/--no-allow-paths",
+        help="Let the page load any checkpoint path typed into it. Default: only when bound to loopback.",
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
+    ),
+    input_size: int = typer.Option(512, "--input-size", help="Preselected network resolution, px (multiple of 32)."),
+    device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option("auto", "--device", help="Where the networks run."),
+    precision: Literal["fp32", "bf16", "fp16"] = typer.Option("fp32", "--precision", help="Network precision."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest accepted file, MB."),
+    max_files: int = typer.Option(16, "--max-files", min=1, help="Most files per request."),
+    cache_size: int = typer.Option(3, "--cache-size", min=1, help="Loaded (model, input size) pairs kept in memory."),
+) -> None:
+    """Start the web playground: colorize uploads with any registered version, release or checkpoint; compare them."""
+    import uvicorn
+
+    from ddcolor.ui import UiSettings, create_app
+    from ddcolor.ui.app import MB
+
+    cfg = _train_config(config, [])
+    loopback = _is_loopback(host)
+    sizes = tuple(sorted({256, 512, 768, 1024, input_size}))
+    settings = UiSettings(
+        max_upload_bytes=int(max_upload_mb * MB),
+        max_files=max_files,
+        input_sizes=sizes,
+        default_input_size=input_size,
+        max_pixels=cfg.data.max_image_pixels,
+        auth_token=auth_token or None,
+    )
+    try:
+        web = create_app(
+            cfg,
+            checkpoints=checkpoint or [],
+            allow_any_path=loopback if allow_paths is None else allow_paths,
+            device=device,
+            precision=precision,
+            cache_size=cache_size,
+            settings=settings,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"Error: {str(err).strip(chr(39) + chr(34))}", err=True)
+        raise typer.Exit(2) from None
+    if not loopback and not auth_token:
+        bar = "!" * 100
+        typer.echo(
+            f"\n{bar}\nWARNING: ddcolor ui binds to {host} WITHOUT a token: anyone who can reach port {port} can run "
+            f"the models.\nPass --auth-token TOKEN (or set DDCOLOR_UI_TOKEN), or bind to 127.0.0.1.\n{bar}",
+            err=True,
+        )
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"DDColor playground: http://{shown}:{port}/  (Ctrl+C stops it)")
+    uvicorn.run(web, host=host, port=port, log_level="info")
 
 
 @app.callback()

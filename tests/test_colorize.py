@@ -454,9 +454,45 @@ def test_cli_demo(fast_random_init, empty_weights_cache, tmp_path):
     assert len(list((tmp_path / "demo" / "color").glob("*.png"))) == len(demo_module.sample_images())
 
 
+def test_cli_demo_colorize_only_flag(fast_random_init, empty_weights_cache, tmp_path):
+    result = run_cli("demo", "--colorize-only", "--out", tmp_path / "demo", "--input-size", SIZE)
+    assert result.exit_code == 0, result.output
+    assert "random-init atto" in result.output and (tmp_path / "demo" / "grid.png").is_file()
+    assert not (tmp_path / "demo" / "data").exists()  # no pipeline ran
+
+
 @pytest.mark.slow
-def test_cli_demo_end_to_end(empty_weights_cache, tmp_path):
-    """`ddcolor demo` exactly as `make demo` runs it without weights (builds its own random-init model)."""
-    result = run_cli("demo", "--out", tmp_path / "demo")
+def test_cli_demo_colorize_only_end_to_end(empty_weights_cache, tmp_path):
+    """`ddcolor demo --colorize-only` without weights (builds its own random-init model)."""
+    result = run_cli("demo", "--colorize-only", "--out", tmp_path / "demo")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "grid.png").is_file()
+
+
+def test_pipeline_demo_without_weights_says_so(empty_weights_cache, tmp_path):
+    sections, warnings = demo_module.pipeline_demo_sections(tmp_path / "demo", steps=5)
+    assert sections["model"]["pretrained"] is None and sections["train"]["loss_perceptual"] == 0.0
+    assert sections["eval"]["metric_weights"] == "random" and sections["train"]["max_steps"] == 5
+    assert sections["data"]["shards_uri"] == str(tmp_path / "demo" / "data" / "shards")
+    assert sections["registry"]["model_name"] == "ddcolor-demo"
+    assert len(warnings) == 2 and "RANDOM-INIT TRAINING" in warnings[0] and "MEANINGLESS FID/LPIPS" in warnings[1]
+    assert "ddcolor weights fetch convnext_atto.d2_in1k" in warnings[0]
+
+
+def test_pipeline_demo_uses_cached_weights(empty_weights_cache, tmp_path):
+    from ddcolor import weights
+
+    empty_weights_cache.mkdir(parents=True)
+    for name in ("convnext_atto.d2_in1k", "vgg16_bn", "pt_inception", "alexnet"):
+        (empty_weights_cache / weights.get_spec(name).filename).write_bytes(b"stub")
+    sections, warnings = demo_module.pipeline_demo_sections(tmp_path / "demo")
+    assert warnings == [] and sections["model"]["pretrained"] == "imagenet"
+    assert sections["eval"]["metric_weights"] == "cache" and "loss_perceptual" not in sections["train"]
+
+
+def test_cli_pipeline_rejects_bad_overrides_before_starting(tmp_path):
+    result = run_cli("pipeline", "train.lrr=1", "--work-dir", tmp_path / "p")
+    assert result.exit_code == 2 and "unknown key" in result.output
+    result = run_cli("pipeline", "max_steps=1", "--work-dir", tmp_path / "p", "--config", tmp_path / "none.yaml")
+    assert result.exit_code == 2
+    assert not (tmp_path / "p").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import boto3
@@ -395,3 +396,103 @@ def test_colorfulness_is_measured_on_the_stored_image(tmp_path):
     (row,) = _dataset(str(tmp_path / "ds"))[1]
     expected = colorfulness_np(np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)))
     assert row["colorfulness"] == pytest.approx(expected, rel=1e-5)
+
+
+# --- fan-out: ingest(map_batches=...) ----------------------------------------------------------------------
+
+
+def _content(dest: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """What a dataset holds, without what differs between runs (ingest time, so shard file hashes and names)."""
+    manifest, rows = _dataset(dest)
+    shards = [{k: v for k, v in s.items() if k not in ("path", "sha256", "bytes")} for s in manifest["shards"]]
+    quarantine = [{k: v for k, v in e.items() if k != "quarantined_at"} for e in load_quarantine(dest)]
+    return shards, [{k: v for k, v in r.items() if k != "ingested_at"} for r in rows], quarantine
+
+
+def _counts(report) -> tuple[int, int, int, int, list]:
+    return report.inputs, report.ingested, report.duplicates, report.skipped, report.quarantined
+
+
+def test_ingest_fanned_out_to_a_spawned_process_pool_equals_the_local_pool(bad_image_corpus: ImageCorpus, tmp_path):
+    """Jobs and outcomes cross a spawn boundary (pickled; the workers import ddcolor afresh); the dataset is the same:
+    rows in the same order with the same bytes and splits, same shards, same quarantine; reruns dedup on workers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    corpus, cfg = bad_image_corpus, _cfg(bad_image_corpus)
+    (corpus.root / "copy_of_coffee.png").write_bytes((corpus.root / "coffee.png").read_bytes())
+    (corpus.root / "notes.txt").write_text("skipped")
+    local = ingest(corpus.root, tmp_path / "local", cfg, num_workers=0)
+
+    calls: list[list] = []
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def map_batches(fn, jobs):
+            calls.append(jobs)
+            return pool.map(fn, jobs)  # results in job order
+
+        mapped = ingest(corpus.root, tmp_path / "mapped", cfg, num_workers=0, map_batches=map_batches, batch_size=3)
+        again = ingest(corpus.root, tmp_path / "mapped", cfg, map_batches=map_batches, batch_size=3)
+
+    assert _counts(mapped) == _counts(local) and mapped.balanced
+    assert (local.duplicates, local.skipped, len(local.quarantined)) == (1, 1, len(corpus.bad))
+    assert _content(str(tmp_path / "mapped")) == _content(str(tmp_path / "local"))
+    assert len(calls) == 2 and [len(job.uris) for job in calls[0]][:-1] == [3] * (len(calls[0]) - 1)
+    assert [u for job in calls[0] for u in job.uris] == sorted(
+        str(p) for p in [*corpus.all, corpus.root / "copy_of_coffee.png"]
+    )
+    assert (again.ingested, again.duplicates, again.new_shards) == (0, len(corpus.good) + 1, [])
+
+
+def _in_order(fn, jobs):
+    return [fn(job) for job in jobs]
+
+
+@pytest.mark.parametrize(
+    ("mapper", "message"),
+    [
+        (lambda fn, jobs: [fn(job) for job in reversed(jobs)], "in batch order"),
+        (lambda fn, jobs: _in_order(fn, jobs)[:-1], "returned 3 results for 4 batches"),
+        (lambda fn, jobs: [*_in_order(fn, jobs), []], "more than the 4 batches"),
+        (lambda fn, jobs: [o for outcomes in _in_order(fn, jobs) for o in outcomes], "not a list of Outcome"),
+    ],
+    ids=["reversed", "one-missing", "one-extra", "flattened"],
+)
+def test_a_mapper_that_breaks_the_order_or_count_is_refused_and_nothing_is_committed(tmp_path, mapper, message):
+    make_random_images(tmp_path / "src", 12)
+    dest = tmp_path / "ds"
+    with pytest.raises(IngestError, match=message):
+        ingest(tmp_path / "src", dest, _cfg(), map_batches=mapper, batch_size=3)
+    assert load_manifest(str(dest)) is None
+
+
+def test_a_mapper_in_this_process_leaves_its_settings_alone(tmp_path, monkeypatch):
+    """A thread executor runs jobs in the ingesting process: its environment and torch threads stay as they are
+    (the flow trains in that process next), and the result is the local pool's."""
+    import torch
+
+    make_random_images(tmp_path / "src", 6)
+    local = ingest(tmp_path / "src", tmp_path / "local", _cfg(), num_workers=0)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail(f"torch.set_num_threads({n}) in this process"))
+    monkeypatch.setenv("DDCOLOR_MARKER", "kept")
+    report = ingest(tmp_path / "src", tmp_path / "mapped", _cfg(), map_batches=_in_order, batch_size=4)
+    assert _counts(report) == _counts(local)
+    assert _content(str(tmp_path / "mapped")) == _content(str(tmp_path / "local"))
+    assert torch.get_num_threads() == threads and os.environ["DDCOLOR_MARKER"] == "kept"
+
+
+def test_batch_jobs_and_outcomes_pickle(tmp_path):
+    import pickle
+    import socket
+
+    from ddcolor.data.ingest import BatchJob, Outcome, PrepareParams, prepare_batch
+
+    (path,) = make_random_images(tmp_path, 1)
+    here = f"{socket.gethostname()}:{os.getpid()}"  # as from a thread executor: this process is not reconfigured
+    job = BatchJob((str(path),), PrepareParams(SIZE, "resize", None), frozenset(), (), "run", here)
+    assert pickle.loads(pickle.dumps(job)) == job
+    (outcome,) = prepare_batch(pickle.loads(pickle.dumps(job)))
+    assert isinstance(outcome, Outcome) and outcome.kind == "row" and pickle.loads(pickle.dumps(outcome)) == outcome
+    known = BatchJob(job.uris, job.params, frozenset({outcome.sha256}), (), "run", here)
+    assert prepare_batch(known) == [Outcome("duplicate", str(path), outcome.sha256)]

@@ -26,6 +26,12 @@ resize (``data.resize_mode``), encode Lab, and append new shards. Re-running on 
 leaves every file untouched; adding images adds only those. Always ``inputs == ingested + duplicates +
 quarantined``; one bad file never stops a run, an infrastructure failure (S3 unreachable after retries) does,
 and a rerun then completes it without duplicates.
+
+Fan-out: ``ingest(..., map_batches=...)`` replaces the local process pool with any executor (a Prefect task runner,
+Dask, Ray, ``concurrent.futures``): it is handed `prepare_batch` and a list of `BatchJob` (picklable; each carries
+everything a worker needs) and must return one ``list[Outcome]`` per job, in job order. Hashing, dedup against the
+dataset, decoding and encoding run on the workers; dedup within the run, splits, shards, manifest and quarantine stay
+in the calling process, so the dataset is the same whichever executor ran the batches.
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import socket
 import tempfile
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -62,13 +70,18 @@ __all__ = [
     "MIN_SIDE",
     "QUARANTINE_NAME",
     "SHARDS_DIR",
+    "BatchJob",
+    "BatchMapper",
     "IngestError",
     "IngestReport",
+    "Outcome",
+    "PrepareParams",
     "QuarantineEntry",
     "decode_image_bytes",
     "ingest",
     "load_manifest",
     "load_quarantine",
+    "prepare_batch",
     "prepare_image",
     "shard_uris",
 ]
@@ -83,7 +96,8 @@ QUARANTINE_NAME = "quarantine.json"
 SHARDS_DIR = "shards"
 MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotation) are quarantined
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: small enough to stream, large enough to compress
-TASK_BATCH = 4  # files per task sent to a worker process
+TASK_BATCH = 4  # files per task sent to a worker process of the local pool
+MAP_BATCH = 32  # files per `BatchJob` handed to a `map_batches` executor (each job also carries the known hashes)
 _CONFIG_KEYS = ("size", "resize_mode", "val_fraction", "min_colorfulness")
 
 
@@ -201,15 +215,26 @@ def prepare_image(rgb: np.ndarray, size: int, resize_mode: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Params:
+class PrepareParams:
+    """How a worker prepares an image: the output side (px), ``data.resize_mode`` and the decode bomb guard."""
+
     size: int
     resize_mode: str
     max_pixels: int | None
 
 
-@dataclass
-class _Outcome:
-    kind: str  # "row" | "duplicate" | "quarantine"
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one input (picklable: it crosses process and cluster boundaries).
+
+    Attributes:
+        kind: ``"row"`` (L, ab, colorfulness set), ``"duplicate"`` (content already in the dataset) or
+            ``"quarantine"`` (reason set).
+        uri: the input. sha256: of its bytes (None when it could not be read).
+        L, ab: `ddcolor.data.shards.encode_lab` of the prepared (size, size) image. colorfulness: of that image.
+    """
+
+    kind: str
     uri: str
     sha256: str | None = None
     reason: str = ""
@@ -218,10 +243,37 @@ class _Outcome:
     colorfulness: float = 0.0
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch of inputs for `prepare_batch`, with everything a worker needs (picklable, self-contained).
+
+    Attributes:
+        uris: the inputs, in input order.
+        params: how to prepare them.
+        known: sha256 of every image already in the dataset (reported as duplicates without decoding).
+        env: the storage settings (``AWS_*``, ``DDCOLOR_*``) of the process that runs `ingest`; a worker in another
+            process uses them instead of its own, as the local pool does.
+        run_id: identifies the `ingest` run: a worker process configures itself once per run.
+        origin: ``host:pid`` of the process that runs `ingest`; a job run there (a thread executor) changes nothing
+            in the process (its environment is already right, and its torch threads are left alone).
+    """
+
+    uris: tuple[str, ...]
+    params: PrepareParams
+    known: frozenset[str]
+    env: tuple[tuple[str, str], ...]
+    run_id: str
+    origin: str
+
+
+BatchMapper = Callable[[Callable[[BatchJob], list[Outcome]], list[BatchJob]], Iterable[list[Outcome]]]
+"""``map_batches(prepare_batch, jobs)``: run ``prepare_batch`` on every job, anywhere; return the results in job
+order (an iterable, consumed as it goes: a generator keeps memory bounded)."""
+
 _STATE: dict[str, Any] = {}
 
 
-def _configure(params: _Params, known: frozenset[str]) -> None:
+def _configure(params: PrepareParams, known: frozenset[str]) -> None:
     _STATE["params"] = params
     _STATE["known"] = known
 
@@ -234,12 +286,12 @@ def _storage_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
 
 
-def _init_worker(params: _Params, known: frozenset[str], env: dict[str, str]) -> None:
+def _use_env(env: dict[str, str]) -> None:
+    """Make this worker process read storage settings ``env`` (and use one torch thread)."""
     # A forkserver child inherits the environment of the moment the server started, not of now: use the parent's.
     for name in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in env]:
         del os.environ[name]
     os.environ.update(env)
-    _configure(params, known)
     try:
         import torch
 
@@ -248,17 +300,25 @@ def _init_worker(params: _Params, known: frozenset[str], env: dict[str, str]) ->
         pass
 
 
-def _process(uri: str) -> _Outcome:
-    params: _Params = _STATE["params"]
+def _init_worker(params: PrepareParams, known: frozenset[str], env: dict[str, str]) -> None:
+    _use_env(env)
+    _configure(params, known)
+
+
+def _origin() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process(uri: str, params: PrepareParams, known: frozenset[str]) -> Outcome:
     try:
         data = storage.read_bytes(uri)
     except storage.StorageError as err:
         if storage.is_s3(uri) and not isinstance(err, storage.StorageNotFoundError):
             raise  # infrastructure: stop the run (a rerun completes it)
-        return _Outcome("quarantine", uri, reason=f"cannot read: {err.reason}")
+        return Outcome("quarantine", uri, reason=f"cannot read: {err.reason}")
     sha = hashlib.sha256(data).hexdigest()
-    if sha in _STATE["known"]:
-        return _Outcome("duplicate", uri, sha)
+    if sha in known:
+        return Outcome("duplicate", uri, sha)
     try:
         if storage.is_s3(uri):
             rgb = decode_image_bytes(data, uri, params.max_pixels)
@@ -268,29 +328,47 @@ def _process(uri: str) -> _Outcome:
             rgb = read_image(uri, params.max_pixels).rgb
         height, width = rgb.shape[:2]
         if min(height, width) < MIN_SIDE:
-            return _Outcome(
+            return Outcome(
                 "quarantine", uri, sha, reason=f"too small: {width}x{height} px; need at least {MIN_SIDE} px a side"
             )
         img = prepare_image(rgb, params.size, params.resize_mode)
         lightness, ab = encode_lab(img)
-        return _Outcome("row", uri, sha, L=lightness, ab=ab, colorfulness=colorfulness_np(img))
+        return Outcome("row", uri, sha, L=lightness, ab=ab, colorfulness=colorfulness_np(img))
     except ImageReadError as err:
-        return _Outcome("quarantine", uri, sha, reason=_ingest_reason(err.reason))
+        return Outcome("quarantine", uri, sha, reason=_ingest_reason(err.reason))
     except Exception as err:  # one bad file never stops the run
         log.debug("unexpected error on %s", uri, exc_info=True)
-        return _Outcome("quarantine", uri, sha, reason=f"cannot decode ({type(err).__name__}: {err})")
+        return Outcome("quarantine", uri, sha, reason=f"cannot decode ({type(err).__name__}: {err})")
 
 
-def _process_batch(uris: list[str]) -> list[_Outcome]:
-    return [_process(uri) for uri in uris]
+def _process_batch(uris: list[str]) -> list[Outcome]:
+    params, known = _STATE["params"], _STATE["known"]
+    return [_process(uri, params, known) for uri in uris]
 
 
-def _outcomes(inputs: list[str], params: _Params, known: frozenset[str], workers: int) -> Iterator[_Outcome]:
+def prepare_batch(job: BatchJob) -> list[Outcome]:
+    """Hash, dedup against ``job.known``, decode, resize and encode ``job.uris`` (the unit of work of a fan-out).
+
+    Runs anywhere `ddcolor` is installed: a thread, a process, a Dask or Ray worker. On the first job of a run in
+    another process it takes the storage settings of the job (``job.env``) and sets torch to one thread.
+
+    Returns:
+        One `Outcome` per URI, in ``job.uris`` order. A bad file is an Outcome (quarantine), never an exception.
+
+    Raises:
+        StorageError: an ``s3://`` input unreachable after retries (the run stops; a rerun completes it).
+    """
+    if job.origin != _origin() and _STATE.get("run_id") != job.run_id:
+        _use_env(dict(job.env))
+        _STATE["run_id"] = job.run_id
+    return [_process(uri, job.params, job.known) for uri in job.uris]
+
+
+def _outcomes(inputs: list[str], params: PrepareParams, known: frozenset[str], workers: int) -> Iterator[Outcome]:
     """Outcomes in input order, from ``workers`` processes (0: this process), with a bounded queue."""
     if workers <= 0 or len(inputs) <= 1:
-        _configure(params, known)
         for uri in inputs:
-            yield _process(uri)
+            yield _process(uri, params, known)
         return
     batches = [inputs[i : i + TASK_BATCH] for i in range(0, len(inputs), TASK_BATCH)]
     workers = min(workers, len(batches))
@@ -299,7 +377,7 @@ def _outcomes(inputs: list[str], params: _Params, known: frozenset[str], workers
     executor = ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(params, known, _storage_env())
     )
-    pending: deque[Future[list[_Outcome]]] = deque()
+    pending: deque[Future[list[Outcome]]] = deque()
     todo = iter(batches)
     try:
         for batch in todo:
@@ -316,6 +394,44 @@ def _outcomes(inputs: list[str], params: _Params, known: frozenset[str], workers
         raise IngestError(f"a worker process died ({err}); out of memory? Lower data.num_workers and rerun") from err
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _mapped_outcomes(
+    inputs: list[str], params: PrepareParams, known: frozenset[str], map_batches: BatchMapper, batch_size: int
+) -> Iterator[Outcome]:
+    """Outcomes in input order from ``map_batches``; each batch's results are checked against its inputs."""
+    if not inputs:
+        return  # no executor started for nothing
+    env, run_id, origin = tuple(sorted(_storage_env().items())), uuid.uuid4().hex, _origin()
+    jobs = [
+        BatchJob(tuple(inputs[i : i + batch_size]), params, known, env, run_id, origin)
+        for i in range(0, len(inputs), batch_size)
+    ]
+    results = map_batches(prepare_batch, jobs)
+    done = 0
+    try:
+        for outcomes in results:
+            if done == len(jobs):
+                raise IngestError(f"map_batches returned more than the {len(jobs)} batches it was given")
+            if not isinstance(outcomes, list | tuple) or not all(isinstance(o, Outcome) for o in outcomes):
+                raise IngestError(
+                    f"map_batches returned, as batch {done}, a {type(outcomes).__name__} that is not a list of "
+                    "Outcome: a mapper must return one list per batch (what prepare_batch returned), in batch order"
+                )
+            got = [o.uri for o in outcomes]
+            if got != list(jobs[done].uris):
+                raise IngestError(
+                    f"map_batches returned, as batch {done} of {len(jobs)}, the outcomes of {got[:2]}... instead of "
+                    f"{list(jobs[done].uris[:2])}...: a mapper must return one list per batch, in batch order"
+                )
+            done += 1
+            yield from outcomes
+        if done != len(jobs):
+            raise IngestError(f"map_batches returned {done} results for {len(jobs)} batches")
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()  # a generator mapper stops its executor now
 
 
 # --- dataset files ---------------------------------------------------------------------------------------
@@ -410,12 +526,12 @@ class _ShardWriter:
         self.ingested_at = ingested_at
         self.entries: list[dict[str, Any]] = []
         self._writer: Any = None
-        self._buffer: list[tuple[_Outcome, str, bool]] = []
+        self._buffer: list[tuple[Outcome, str, bool]] = []
         self._rows = 0
         self._splits = {"train": 0, "val": 0}
         self._low = 0
 
-    def add(self, outcome: _Outcome, split: str, low: bool) -> None:
+    def add(self, outcome: Outcome, split: str, low: bool) -> None:
         self._buffer.append((outcome, split, low))
         self._rows += 1
         self._splits[split] += 1
@@ -526,6 +642,10 @@ def _default_workers(cfg: DataConfig) -> int:
         return os.cpu_count() or 1
 
 
+def _name(obj: object) -> str:
+    return getattr(obj, "__qualname__", None) or repr(obj)
+
+
 def _list_inputs(source: str) -> tuple[list[str], int]:
     # paths as given (not resolved): shards must not record where the repository was checked out
     root = source if storage.is_s3(source) else str(Path(source))
@@ -548,6 +668,8 @@ def ingest(
     *,
     num_workers: int | None = None,
     progress: bool = False,
+    map_batches: BatchMapper | None = None,
+    batch_size: int | None = None,
 ) -> IngestReport:
     """Ingest the images under ``source`` into the shard dataset at ``dest`` (incremental, idempotent).
 
@@ -560,13 +682,19 @@ def ingest(
         num_workers: worker processes for decode/resize/encode; 0 = this process. Default: ``data.num_workers``
             when the config sets it explicitly, else all available cores.
         progress: show a tqdm progress bar.
+        map_batches: run the per-file work on this executor instead of the local process pool (then
+            ``num_workers`` is not used): called once as ``map_batches(prepare_batch, jobs)`` with a list of
+            `BatchJob`, it returns one ``list[Outcome]`` per job, in job order (see `BatchMapper`). The dataset is
+            the same as with the local pool.
+        batch_size: files per `BatchJob` for ``map_batches``; default `MAP_BATCH`.
 
     Returns:
         The `IngestReport` (quarantined files included; they are also in DEST's quarantine.json).
 
     Raises:
         IngestError: DEST holds a dataset built with another size/resize_mode/val_fraction/min_colorfulness, or is
-            damaged; a worker process died.
+            damaged; a worker process died; ``map_batches`` returned results out of order or a wrong number of them.
+        ValueError: ``batch_size`` < 1.
         StorageError: SOURCE or DEST unreachable (after retries), missing, or access denied. Nothing is committed
             then (no manifest change); shards already uploaded are ignored, and a rerun completes the dataset.
     """
@@ -574,6 +702,8 @@ def ingest(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     started = time.monotonic()
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: need at least 1 file per batch")
     cfg = _data_config(config)
     source, dest = str(source), str(dest if dest is not None else cfg.shards_uri)
     if not storage.is_s3(dest):
@@ -595,26 +725,29 @@ def ingest(
     inputs, skipped = _list_inputs(source)
     old_shards = list((manifest or {}).get("shards", []))
     log.info(
-        "ingest %s -> %s: %d image files (%d other files skipped); dataset has %d rows in %d shards; %d workers",
+        "ingest %s -> %s: %d image files (%d other files skipped); dataset has %d rows in %d shards; %s",
         source,
         dest,
         len(inputs),
         skipped,
         len(known),
         len(old_shards),
-        workers,
+        f"{workers} workers" if map_batches is None else f"batches mapped by {_name(map_batches)}",
     )
 
     if not inputs:
         log.warning("no image files under %s (extensions: %s)", source, ", ".join(sorted(IMAGE_EXTENSIONS)))
     report = IngestReport(dataset_uri=dest, inputs=len(inputs), skipped=skipped)
-    params = _Params(cfg.size, cfg.resize_mode, cfg.max_image_pixels)
+    params = PrepareParams(cfg.size, cfg.resize_mode, cfg.max_image_pixels)
     seen: set[str] = set(known)
     new_hashes: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="ddcolor-ingest-") as tmp:
         writer = _ShardWriter(dest, len(old_shards), cfg.shard_rows, cfg.size, Path(tmp), ingested_at)
         bar = tqdm(total=len(inputs), unit="img", desc="ingest", disable=not progress, dynamic_ncols=True)
-        outcomes = _outcomes(inputs, params, known, workers)
+        if map_batches is None:
+            outcomes = _outcomes(inputs, params, known, workers)
+        else:
+            outcomes = _mapped_outcomes(inputs, params, known, map_batches, batch_size or MAP_BATCH)
         # closing(): on a failure the worker pool stops now, not when the traceback is collected
         with bar, contextlib.closing(outcomes), logging_redirect_tqdm() if progress else contextlib.nullcontext():
             for outcome in outcomes:

@@ -1,0 +1,789 @@
+"""The whole retraining pipeline as plain functions: ingest -> validate -> (skip?) -> train -> evaluate -> gate ->
+promote -> colorize. No Prefect here: the `train-ddcolor` flow (``flows/train_ddcolor.py``) runs each step as a
+task; `run_pipeline` runs them in order in this process (``ddcolor pipeline --no-prefect``, benchmarks, tests).
+
+Usage::
+
+    cfg = load_config("params.yaml", overrides=["train.max_steps=50"])
+    result = run_pipeline(cfg, "data/raw", work_dir="runs/pipeline")
+    result.status        # promoted | not_promoted | skipped | validation_failed
+    print(result.to_markdown())
+
+Skipping. A model is determined by its data and its recipe, so each trained model carries a *fingerprint*: the
+sha256 of the dataset version (the sha256 of the shard manifest, which lists every shard's sha256) and of the
+config sections ``data``, ``model``, ``train``, ``eval`` (canonical JSON, minus `FINGERPRINT_IGNORED`: locations
+and logging knobs that do not change the model). The registered version is tagged ``pipeline.fingerprint`` (plus
+``pipeline.dataset_sha256`` and ``pipeline.config_sha256``, so a person can see which half changed). When the
+champion's fingerprint equals the new one, training is skipped unless forced: a scheduled run on unchanged data
+costs an ingest (incremental: new raw images do change the dataset version) and a validation, not a training.
+
+Failures. A failed validation raises `ValidationFailed` (nothing is trained or registered; the report is written
+first). A failed gate is not an error: the version is registered (alias ``challenger``, with its ``blessing`` tag
+saying why) and the champion stays. `is_transient` tells the flow which errors a retry can fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ddcolor.config import Config
+    from ddcolor.data.ingest import BatchMapper, IngestReport
+    from ddcolor.data.validate import ValidationResult
+    from ddcolor.data.version import DatasetVersion
+    from ddcolor.demo import DemoResult
+    from ddcolor.evaluate import EvalResult
+    from ddcolor.gates import GateDecision
+    from ddcolor.train import TrainResult
+
+__all__ = [
+    "FINGERPRINT_IGNORED",
+    "FINGERPRINT_SECTIONS",
+    "ChampionInfo",
+    "Fingerprint",
+    "PipelineResult",
+    "PromotionOutcome",
+    "ValidationFailed",
+    "champion_info",
+    "colorize_step",
+    "evaluate_step",
+    "fingerprint",
+    "ingest_step",
+    "is_transient",
+    "log_grid",
+    "promote_step",
+    "run_pipeline",
+    "run_url",
+    "section_overrides",
+    "should_skip",
+    "torchrun_command",
+    "train_distributed_step",
+    "train_step",
+    "validate_step",
+]
+
+log = logging.getLogger(__name__)
+
+Status = Literal["promoted", "not_promoted", "skipped", "validation_failed"]
+
+#: Config sections that determine the trained model (``gates`` and ``registry`` decide what happens to it).
+FINGERPRINT_SECTIONS = ("data", "model", "train", "eval")
+#: Keys of those sections that do not change the model: where things are, how often to log, how many loader workers.
+FINGERPRINT_IGNORED = frozenset(
+    {
+        "data.source",
+        "data.shards_uri",
+        "data.num_workers",
+        "train.checkpoint_dir",
+        "train.checkpoint_every",
+        "train.log_every",
+    }
+)
+FINGERPRINT_TAG = "pipeline.fingerprint"
+DATASET_SHA_TAG = "pipeline.dataset_sha256"
+CONFIG_SHA_TAG = "pipeline.config_sha256"
+GRID_ARTIFACT_DIR = "samples"  # MLflow run artifact folder of the sample grid
+
+
+class ValidationFailed(RuntimeError):
+    """The dataset failed validation; nothing was trained. ``result`` holds every check, ``report_uri`` the report."""
+
+    def __init__(self, result: ValidationResult, report_uri: str | None) -> None:
+        self.result = result
+        self.report_uri = report_uri
+        failed = ", ".join(c.name for c in result.failures) or "?"
+        super().__init__(
+            f"dataset {result.uri} failed validation ({len(result.failures)} failed checks: {failed}); report: "
+            f"{report_uri or '(not written)'}. Nothing was trained or promoted: fix or remove the bad images or "
+            "shards, then rerun."
+        )
+
+
+# --- fingerprint and skip --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a model is made of. ``value`` = sha256 over ``dataset_sha256`` and ``config_sha256`` (hex digests)."""
+
+    value: str
+    dataset_sha256: str
+    config_sha256: str
+
+    def as_tags(self) -> dict[str, str]:
+        return {FINGERPRINT_TAG: self.value, DATASET_SHA_TAG: self.dataset_sha256, CONFIG_SHA_TAG: self.config_sha256}
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def fingerprint(config: Config, dataset: DatasetVersion | str) -> Fingerprint:
+    """The fingerprint of training `config` on `dataset` (a `DatasetVersion` or its manifest sha256).
+
+    Only `FINGERPRINT_SECTIONS` count, minus `FINGERPRINT_IGNORED`: changing a gate, the registry names, a path or
+    the number of loader workers does not change it; changing the data or any training setting does.
+    """
+    dataset_sha = dataset if isinstance(dataset, str) else dataset.manifest_sha256
+    recipe = {
+        key: value
+        for key, value in config.to_flat_dict().items()
+        if key.split(".", 1)[0] in FINGERPRINT_SECTIONS and key not in FINGERPRINT_IGNORED
+    }
+    config_sha = _sha256_json(recipe)
+    return Fingerprint(_sha256_json({"dataset": dataset_sha, "config": config_sha}), dataset_sha, config_sha)
+
+
+@dataclass(frozen=True)
+class ChampionInfo:
+    """The current champion version and the pipeline tags it was registered with (None when absent)."""
+
+    version: str
+    fingerprint: str | None
+    dataset_sha256: str | None
+    config_sha256: str | None
+    run_id: str | None
+
+
+def _client(tracking_uri: str | None):
+    import mlflow
+
+    if tracking_uri is None:
+        from ddcolor.config import EnvSettings
+
+        tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _tracking_uri(tracking_uri: str | None) -> str:
+    if tracking_uri is not None:
+        return tracking_uri
+    from ddcolor.config import EnvSettings
+
+    return EnvSettings.from_env().mlflow_tracking_uri
+
+
+def champion_info(config: Config, *, tracking_uri: str | None = None) -> ChampionInfo | None:
+    """The champion of ``registry.model_name`` (alias ``registry.champion_alias``), or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(config.registry.model_name, config.registry.champion_alias)
+    except MlflowException as err:
+        code = str(getattr(err, "error_code", ""))
+        if "RESOURCE_DOES_NOT_EXIST" in code or "INVALID_PARAMETER_VALUE" in code:
+            return None
+        raise
+    tags = mv.tags or {}
+    return ChampionInfo(
+        str(mv.version), tags.get(FINGERPRINT_TAG), tags.get(DATASET_SHA_TAG), tags.get(CONFIG_SHA_TAG), mv.run_id
+    )
+
+
+def should_skip(fp: Fingerprint, champion: ChampionInfo | None, *, force: bool = False) -> tuple[bool, str]:
+    """Whether to skip training, and why (one line either way)."""
+    if champion is None:
+        return False, "no champion yet"
+    if champion.fingerprint is None:
+        return False, f"champion v{champion.version} has no {FINGERPRINT_TAG} tag (registered outside the pipeline)"
+    if champion.fingerprint != fp.value:
+        changed = [
+            what
+            for what, mine, theirs in (
+                ("dataset", fp.dataset_sha256, champion.dataset_sha256),
+                ("config", fp.config_sha256, champion.config_sha256),
+            )
+            if mine != theirs
+        ]
+        return False, f"{' and '.join(changed) or 'fingerprint'} changed since champion v{champion.version}"
+    if force:
+        return False, f"forced: same data and config as champion v{champion.version}, retraining anyway"
+    return True, (
+        f"dataset {fp.dataset_sha256[:12]} and config {fp.config_sha256[:12]} are those of champion "
+        f"v{champion.version} (fingerprint {fp.value[:12]}); pass force=True to retrain"
+    )
+
+
+# --- steps -----------------------------------------------------------------------------------------------------
+
+
+def ingest_step(
+    config: Config,
+    source: str | None = None,
+    *,
+    progress: bool = False,
+    num_workers: int | None = None,
+    map_batches: BatchMapper | None = None,
+) -> IngestReport:
+    """Ingest the raw images at `source` (default ``data.source``) into ``data.shards_uri`` (incremental).
+
+    ``map_batches`` fans the per-file work out to another executor (`ddcolor.data.ingest.ingest`); the flow passes
+    one built on a Prefect task runner.
+    """
+    from ddcolor.data.ingest import ingest
+
+    source = source or config.data.source
+    report = ingest(
+        source, config.data.shards_uri, config, num_workers=num_workers, progress=progress, map_batches=map_batches
+    )
+    log.info("ingest: %s", report.summary().replace("\n", "; "))
+    return report
+
+
+def validate_step(config: Config, dataset_uri: str | None = None, *, report_dir: str | None = None) -> ValidationResult:
+    """Validate the dataset against ``config.data``; always write the reports (to `report_dir`, default next to the
+    data).
+
+    Raises:
+        ValidationFailed: a check failed (its message names the report).
+    """
+    from ddcolor.data.validate import REPORT_MARKDOWN, validate_dataset, write_reports
+
+    uri = dataset_uri or config.data.shards_uri
+    result = validate_dataset(uri, expected=config.data)
+    try:
+        written = write_reports(result, report_dir)
+    except OSError as err:  # a report we cannot write must not hide the verdict
+        log.warning("could not write the validation report to %s: %s", report_dir or uri, err)
+        written = []
+    report = next((w for w in written if w.endswith(REPORT_MARKDOWN)), None)
+    if not result.success:
+        raise ValidationFailed(result, report)
+    log.info("validate: %s (%d rows, %d shards)", "passed", result.rows, result.shards)
+    return result
+
+
+def train_step(
+    config: Config,
+    dataset_uri: str,
+    *,
+    out_dir: str | os.PathLike[str],
+    tracking_uri: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    progress: bool = True,
+    init: str | None = None,
+) -> TrainResult:
+    """Train in this process into a new MLflow run (every param logged, `tags` set) and log the model to it.
+
+    Raises:
+        ddcolor.tracking.TrackingError: MLflow unreachable at start (transient).
+        ddcolor.train.TrainingDivergedError, ValueError: training cannot go on (not transient).
+    """
+    from ddcolor.tracking import start_tracker
+    from ddcolor.train import train
+
+    uri = _tracking_uri(tracking_uri)
+    tracker = start_tracker(config, run_name=run_name, tracking_uri=uri, tags=tags)
+    status = "FAILED"
+    try:
+        result = train(config, dataset_uri, out_dir=out_dir, init=init, tracker=tracker, progress=progress)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+    log.info("train: %d steps, run %s, model %s", result.steps, result.run_id, result.model_uri)
+    return result
+
+
+def torchrun_command(
+    config_path: str | os.PathLike[str],
+    dataset_uri: str,
+    out_dir: str | os.PathLike[str],
+    nproc_per_node: int,
+    *,
+    run_name: str | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m ddcolor.cli train ...`` for one multi-GPU node.
+
+    ``torchrun`` is the script installed next to `python` when present, else ``python -m torch.distributed.run``
+    (the same program).
+    """
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    script = Path(python).with_name("torchrun")
+    launcher = [str(script)] if script.is_file() else [python, "-m", "torch.distributed.run"]
+    cmd = [
+        *launcher,
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "-m",
+        "ddcolor.cli",
+        "train",
+        "--config",
+        str(config_path),
+        "--data",
+        dataset_uri,
+        "--out",
+        str(out_dir),
+        "--no-progress",
+    ]
+    return [*cmd, "--run-name", run_name] if run_name else cmd
+
+
+_RUN_LINE = re.compile(r"MLflow run: (?P<run>[0-9a-f]{32})(?:; model: (?P<model>\S+))?")
+
+
+def train_distributed_step(
+    config: Config,
+    dataset_uri: str,
+    *,
+    out_dir: str | os.PathLike[str],
+    nproc_per_node: int,
+    tracking_uri: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+) -> TrainResult:
+    """Train with `torchrun_command` (DDP over `nproc_per_node` processes): the resolved config is written to
+    ``out_dir/params.resolved.yaml``, rank 0's MLflow run id is read from the command's output, then `tags` are set.
+
+    Raises:
+        RuntimeError: the command failed (its exit code and the last output lines).
+    """
+    from ddcolor.train import TrainResult
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "params.resolved.yaml"
+    config_path.write_text(config.to_yaml())
+    cmd = torchrun_command(config_path, dataset_uri, out, nproc_per_node, run_name=run_name)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=_tracking_uri(tracking_uri))
+    log.info("train: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-20:])
+        raise RuntimeError(f"distributed training exited with code {proc.returncode}:\n{tail}")
+    match = _RUN_LINE.search(output)
+    run_id, model_uri = (match["run"], match["model"]) if match else (None, None)
+    if run_id and tags:
+        client = _client(tracking_uri)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+    return TrainResult(
+        checkpoint_path=str(out / "model.safetensors"),
+        steps=config.train.max_steps,
+        final_losses={},
+        run_id=run_id,
+        model_uri=model_uri,
+    )
+
+
+def evaluate_step(
+    config: Config,
+    dataset_uri: str,
+    *,
+    checkpoint_path: str | os.PathLike[str],
+    run_id: str,
+    tracking_uri: str | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate the trained generator on the val split, logging ``val/*`` metrics into the TRAINING run `run_id`
+    (what the gates and the registry read).
+
+    ``eval.metric_weights: random`` uses random-init Inception/AlexNet, with a loud warning: FID and LPIPS are then
+    meaningless (offline demos and smoke tests only).
+    """
+    from ddcolor.evaluate import evaluate
+    from ddcolor.model.checkpoint import load_model
+    from ddcolor.tracking import start_tracker
+
+    pretrained: str | None = "cache"
+    if config.eval.metric_weights == "random":
+        log.warning(
+            "eval.metric_weights=random: FID and LPIPS use RANDOM Inception/AlexNet networks; their values are "
+            "MEANINGLESS (smoke tests and offline demos only). Fetch the metric weights (`ddcolor weights fetch "
+            "pt_inception`, `... alexnet`) and set eval.metric_weights=cache for real numbers."
+        )
+        pretrained = None
+    network = load_model(checkpoint_path)
+    tracker = start_tracker(config, run_id=run_id, tracking_uri=tracking_uri)
+    status = "FAILED"
+    try:
+        result = evaluate(
+            network, dataset_uri, config, pretrained=pretrained, tracker=tracker, out_dir=out_dir, progress=progress
+        )
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    log.info("evaluate: %d images: %s", result.n_images, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+    return result
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    """What `promote_step` decided: the gate decision, the registered version, whether it became champion, why."""
+
+    decision: GateDecision
+    version: str
+    promoted: bool
+    champion_version: str | None
+    reason: str
+
+
+def promote_step(
+    config: Config,
+    run_id: str,
+    *,
+    fp: Fingerprint,
+    tracking_uri: str | None = None,
+    attach_onnx: bool = True,
+) -> PromotionOutcome:
+    """Gate the run's ``val/*`` metrics (thresholds + vs champion), register its model (alias challenger, tagged
+    with the fingerprint), and move the champion alias to it when the gate passed."""
+    from ddcolor.registry import gate_run, promote, register
+    from ddcolor.tracking import _use_tracking_uri
+
+    uri = _tracking_uri(tracking_uri)
+    decision = gate_run(run_id, config, tracking_uri=uri)
+    # A SQL store's create_model_version looks the logged model up through MLflow's process-wide URI, not ours.
+    with _use_tracking_uri(uri):
+        version = register(run_id, None, config, tracking_uri=uri, attach_onnx=attach_onnx)
+    client = _client(uri)
+    for key, value in fp.as_tags().items():
+        client.set_model_version_tag(config.registry.model_name, version, key, value)
+    promotion = promote(version, decision, config, tracking_uri=uri)
+    name, alias = config.registry.model_name, config.registry.champion_alias
+    if promotion.promoted:
+        reason = f"{name} v{version} is the new @{alias} (previous: {promotion.previous_champion or 'none'})"
+    elif decision.passed:
+        reason = f"{name} v{version} is already @{alias}"
+    else:
+        failed = "; ".join(c.reason for c in decision.checks if not c.passed)
+        stays = f"@{alias} stays v{promotion.champion}" if promotion.champion else f"no @{alias} yet"
+        reason = f"gate failed for {name} v{version} ({failed}); {stays}"
+    log.info("promote: %s", reason)
+    return PromotionOutcome(decision, version, promotion.promoted, promotion.champion, reason)
+
+
+def colorize_step(
+    config: Config,
+    *,
+    out_dir: str | os.PathLike[str],
+    model_uri: str | None = None,
+    tracking_uri: str | None = None,
+    input_size: int = 256,
+) -> DemoResult:
+    """Colorize the bundled sample photos with `model_uri` (default the champion, ``models:/NAME@ALIAS``) and write
+    ``out_dir/{gray,color}/`` and ``out_dir/grid.png`` (gray input | colorized | original)."""
+    from ddcolor.demo import run_demo
+    from ddcolor.registry import load_registered_generator
+    from ddcolor.tracking import _use_tracking_uri
+
+    uri = _tracking_uri(tracking_uri)
+    model_uri = model_uri or f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
+    with _use_tracking_uri(uri):  # resolving a version's models:/m-... source goes through the process-wide URI
+        network = load_registered_generator(model_uri, tracking_uri=uri)
+    result = run_demo(out_dir, model=network, label=model_uri, input_size=input_size)
+    log.info("colorize: %s -> %s", model_uri, result.grid)
+    return result
+
+
+def log_grid(run_id: str, grid: str | os.PathLike[str], *, tracking_uri: str | None = None) -> str | None:
+    """Log the grid PNG into the run (folder `GRID_ARTIFACT_DIR`); return its HTTP URL when MLflow is an HTTP server
+    (what a Prefect image artifact needs), else None."""
+    uri = _tracking_uri(tracking_uri)
+    _client(uri).log_artifact(run_id, str(grid), GRID_ARTIFACT_DIR)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/get-artifact?path={GRID_ARTIFACT_DIR}/{Path(grid).name}&run_uuid={run_id}"
+
+
+def run_url(run_id: str, *, tracking_uri: str | None = None) -> str | None:
+    """The MLflow UI address of the run for an HTTP tracking server, else None (a local store has no UI running)."""
+    uri = _tracking_uri(tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    experiment_id = _client(uri).get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors a retry can fix: S3 or MLflow unreachable, timeouts. Never for a failed validation, a bad
+    config, a diverged training or a missing file (those fail the same way every time)."""
+    from ddcolor.config import ConfigError
+    from ddcolor.storage import StorageError, StorageNotFoundError
+    from ddcolor.tracking import TrackingError
+    from ddcolor.train import TrainingDivergedError
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ValidationFailed | ConfigError | TrainingDivergedError | StorageNotFoundError):
+            return False
+        if isinstance(err, TrackingError) and "unreachable" in str(err):
+            return True
+        if isinstance(err, StorageError | ConnectionError | TimeoutError):
+            return True
+        if _is_requests_connection_error(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _is_requests_connection_error(err: BaseException) -> bool:
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - requests comes with mlflow
+        return False
+    return isinstance(err, requests.exceptions.ConnectionError | requests.exceptions.Timeout)
+
+
+def section_overrides(**sections: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``data={"size": 64}, train={"max_steps": 3}`` -> ``{"data.size": 64, "train.max_steps": 3}`` (for
+    `ddcolor.config.load_config`); None sections are skipped."""
+    overrides: dict[str, Any] = {}
+    for section, values in sections.items():
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{section}: expected a mapping of {section}.* keys, got {type(values).__name__}")
+        for key, value in values.items():
+            overrides[f"{section}.{key}"] = value
+    return overrides
+
+
+# --- the whole pipeline ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineResult:
+    """What one pipeline run did (JSON-ready with `to_dict`; human-ready with `to_markdown` / `summary`).
+
+    Attributes:
+        status: ``promoted`` | ``not_promoted`` | ``skipped`` | ``validation_failed``.
+        reason: one line saying why.
+        dataset: the `DatasetVersion` as a dict (uri, manifest_sha256, dvc_md5, rows), None before ingest.
+        fingerprint: the `Fingerprint` value (None when validation failed first).
+        run_id, run_url: the MLflow training run (None when skipped); the UI address for an HTTP server.
+        tracking_uri: where the run and the registry are.
+        metrics: the eval metrics of the run.
+        decision: `GateDecision.to_dict()`; gate_table its Markdown table (metrics vs thresholds vs champion).
+        model_version: the version registered by this run; champion_version the champion afterwards.
+        validation_report: the validation report (Markdown) URI.
+        grid: the sample grid PNG colorized by the champion (None when colorizing was off or there is no champion).
+        grid_url: its HTTP URL on the MLflow server, when there is one.
+        seconds: wall time per step, s.
+    """
+
+    status: Status
+    reason: str
+    dataset: dict[str, Any] | None = None
+    fingerprint: str | None = None
+    run_id: str | None = None
+    run_url: str | None = None
+    tracking_uri: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    decision: dict[str, Any] | None = None
+    gate_table: str | None = None
+    model_version: str | None = None
+    champion_version: str | None = None
+    validation_report: str | None = None
+    grid: str | None = None
+    grid_url: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        lines = [f"pipeline: {self.status.upper()}: {self.reason}"]
+        if self.dataset:
+            lines.append(
+                f"dataset: {self.dataset.get('uri')} ({self.dataset.get('rows')} rows, manifest "
+                f"{str(self.dataset.get('manifest_sha256'))[:12]})"
+            )
+        if self.fingerprint:
+            lines.append(f"fingerprint: {self.fingerprint[:12]}")
+        if self.metrics:
+            lines.append("metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()))
+        if self.run_id:
+            lines.append(f"MLflow run: {self.run_url or self.run_id} ({self.tracking_uri})")
+        if self.model_version:
+            lines.append(f"model version: {self.model_version} (champion: {self.champion_version or 'none'})")
+        if self.validation_report:
+            lines.append(f"validation report: {self.validation_report}")
+        if self.grid:
+            lines.append(f"sample grid (champion): {self.grid}")
+        if self.seconds:
+            lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """The run summary for people: decision, dataset version, metrics vs thresholds vs champion, links."""
+        out = [f"# train-ddcolor: {self.status.replace('_', ' ')}", "", f"**{self.reason}**", ""]
+        if self.dataset:
+            d = self.dataset
+            out += [
+                "| dataset | |",
+                "|---|---|",
+                f"| uri | `{d.get('uri')}` |",
+                f"| rows | {d.get('rows')} |",
+                f"| manifest sha256 | `{d.get('manifest_sha256')}` |",
+                f"| DVC md5 | `{d.get('dvc_md5') or '-'}` |",
+                f"| fingerprint (data + config) | `{self.fingerprint or '-'}` |",
+                "",
+            ]
+        if self.run_id:
+            where = f"[{self.run_id}]({self.run_url})" if self.run_url else f"`{self.run_id}`"
+            out += [f"MLflow run: {where} on `{self.tracking_uri}`", ""]
+        if self.gate_table:
+            out += ["## Gates (metrics vs thresholds vs champion)", "", self.gate_table, ""]
+        if self.metrics:
+            out += ["## Eval metrics", "", "| metric | value |", "|---|---|"]
+            out += [f"| {k} | {v:.4g} |" for k, v in self.metrics.items()]
+            out.append("")
+        if self.model_version or self.champion_version:
+            out += [f"Model version: {self.model_version or '-'}; champion: {self.champion_version or 'none'}", ""]
+        if self.validation_report:
+            out += [f"Validation report: `{self.validation_report}`", ""]
+        if self.grid:
+            link = f" ([image]({self.grid_url}))" if self.grid_url else ""
+            out += [f"Sample grid (champion): `{self.grid}`{link}", ""]
+        if self.seconds:
+            out += ["Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()), ""]
+        return "\n".join(out)
+
+
+def run_pipeline(
+    config: Config,
+    source: str | None = None,
+    *,
+    work_dir: str | os.PathLike[str],
+    force: bool = False,
+    progress: bool = True,
+    tracking_uri: str | None = None,
+    colorize: bool = True,
+    run_tags: Mapping[str, Any] | None = None,
+    nproc_per_node: int = 1,
+    attach_onnx: bool = True,
+) -> PipelineResult:
+    """Run the whole pipeline in this process, without Prefect.
+
+    Args:
+        config: the whole configuration; the dataset is ``data.shards_uri``.
+        source: raw images (folder or ``s3://``); default ``data.source``.
+        work_dir: local folder for this pipeline's outputs: ``validation/`` (reports), ``runs/<UTC time>/`` (training
+            output, ``eval/``), ``samples/`` (the champion's sample grid).
+        force: train even when the champion has the same fingerprint.
+        progress: progress bars for ingest, training and evaluation.
+        tracking_uri: MLflow tracking URI; None = ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``).
+        colorize: colorize the sample photos with the champion at the end (also when skipped).
+        run_tags: extra tags for the MLflow training run.
+        nproc_per_node: > 1 trains with ``torchrun`` (DDP) in a subprocess.
+        attach_onnx: export an ONNX copy of each registered version (see `ddcolor.registry.register`).
+
+    Returns:
+        The `PipelineResult`; a failed validation is ``status="validation_failed"`` (no exception).
+    """
+    from ddcolor.data.version import dataset_version
+
+    uri = _tracking_uri(tracking_uri)
+    work = Path(work_dir)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        start = time.monotonic()
+        log.info("pipeline step %s ...", name)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[name] = round(time.monotonic() - start, 2)
+
+    timed("ingest", ingest_step, config, source, progress=progress)
+    dataset = dataset_version(config.data.shards_uri)
+    try:
+        validation = timed("validate", validate_step, config, report_dir=str(work / "validation"))
+    except ValidationFailed as err:
+        return PipelineResult(
+            "validation_failed",
+            str(err),
+            dataset=dataset.to_dict(),
+            tracking_uri=uri,
+            validation_report=err.report_uri,
+            seconds=seconds,
+        )
+    report = next((u for u in validation.report_uris if u.endswith(".md")), None)
+    fp = fingerprint(config, dataset)
+    skip, why = should_skip(fp, champion_info(config, tracking_uri=uri), force=force)
+    result = PipelineResult(
+        "skipped", why, dataset=dataset.to_dict(), fingerprint=fp.value, tracking_uri=uri, validation_report=report
+    )
+    if not skip:
+        log.info("training: %s", why)
+        out_dir = work / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        tags = {**fp.as_tags(), **(run_tags or {})}
+        if nproc_per_node > 1:
+            trained = timed(
+                "train",
+                train_distributed_step,
+                config,
+                config.data.shards_uri,
+                out_dir=out_dir,
+                nproc_per_node=nproc_per_node,
+                tracking_uri=uri,
+                tags=tags,
+            )
+        else:
+            trained = timed(
+                "train",
+                train_step,
+                config,
+                config.data.shards_uri,
+                out_dir=out_dir,
+                tracking_uri=uri,
+                tags=tags,
+                progress=progress,
+            )
+        if trained.run_id is None:
+            raise RuntimeError("training logged no MLflow run; the pipeline needs one to gate and register the model")
+        evaluated = timed(
+            "evaluate",
+            evaluate_step,
+            config,
+            config.data.shards_uri,
+            checkpoint_path=trained.checkpoint_path,
+            run_id=trained.run_id,
+            tracking_uri=uri,
+            out_dir=out_dir / "eval",
+            progress=progress,
+        )
+        outcome = timed(
+            "promote", promote_step, config, trained.run_id, fp=fp, tracking_uri=uri, attach_onnx=attach_onnx
+        )
+        result.status = "promoted" if outcome.promoted else "not_promoted"
+        result.reason = outcome.reason
+        result.run_id, result.run_url = trained.run_id, run_url(trained.run_id, tracking_uri=uri)
+        result.metrics = dict(evaluated.metrics)
+        result.decision, result.gate_table = outcome.decision.to_dict(), outcome.decision.table()
+        result.model_version, result.champion_version = outcome.version, outcome.champion_version
+    else:
+        log.info("%s", why)
+        champion = champion_info(config, tracking_uri=uri)
+        result.champion_version = champion.version if champion else None
+    if colorize and (result.champion_version or result.status == "promoted"):
+        demo = timed("colorize", colorize_step, config, out_dir=work / "samples", tracking_uri=uri)
+        result.grid = str(demo.grid)
+        if result.run_id:
+            result.grid_url = log_grid(result.run_id, demo.grid, tracking_uri=uri)
+    result.seconds = seconds
+    return result

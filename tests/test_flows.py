@@ -1,0 +1,233 @@
+"""The `train-ddcolor` Prefect flow against a temporary Prefect server (`prefect_test_harness`): final states
+(promoted, skipped, not promoted, failed validation), artifacts, the MLflow <-> Prefect cross-tags, and the ingest
+fan-out over a task runner (`ingest_task_runner`).
+
+Same tiny recipe as tests/test_pipeline.py (whole runs of ~30 s on 2 CPU cores). MLflow: a SQLite store in a tmp
+folder through MLFLOW_TRACKING_URI (the flow reads endpoints from the environment only).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddcolor.data.samples import write_samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flows/ is not part of the installed package
+
+from test_pipeline import IMAGES, TINY, _poison_a_row
+
+pytestmark = pytest.mark.slow
+
+
+def sections(root: Path, name: str, **extra: dict) -> dict[str, dict]:
+    """TINY as flow parameters (``{"train": {...}, ...}``), data under ``root``, registered model ``name``."""
+    params: dict[str, dict] = {}
+    for key, value in TINY.items():
+        section, field = key.split(".")
+        params.setdefault(section, {})[field] = value
+    params["data"].update(source=str(root / "raw"), shards_uri=str(root / "shards"))
+    params["registry"] = {"model_name": name, "experiment_name": name}
+    for section, values in extra.items():
+        params.setdefault(section, {}).update(values)
+    return params
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A temporary Prefect server for the session (PREFECT_HOME in a tmp folder, no telemetry)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-flows') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def flow(prefect_server, tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    from flows.train_ddcolor import train_ddcolor
+
+    return train_ddcolor
+
+
+def _mlflow(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def _flow_run(flow_run_id):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def test_flow_promotes_then_skips_then_does_not_promote_a_worse_model(flow, tmp_path, tracking_uri):
+    params = sections(tmp_path, "flow-a")
+    write_samples(params["data"]["source"], IMAGES)
+    work = str(tmp_path / "work")
+
+    state = flow(config_path=None, work_dir=work, **params, return_state=True)
+    assert state.is_completed() and state.message.startswith("promoted: flow-a v1"), state.message
+    result = state.result()
+    assert result["status"] == "promoted" and result["model_version"] == "1" and Path(result["grid"]).is_file()
+    flow_run_id = state.state_details.flow_run_id
+    run = _mlflow(tracking_uri).get_run(result["run_id"])
+    assert run.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert run.data.tags["prefect.flow_run_name"] == _flow_run(flow_run_id).name
+    assert f"mlflow_run_id:{result['run_id']}" in _flow_run(flow_run_id).tags
+    artifacts = _artifacts(flow_run_id)
+    assert {"train-ddcolor-summary", "train-ddcolor-sample-grid"} <= set(artifacts)
+    summary = artifacts["train-ddcolor-summary"].data
+    assert "promoted" in summary and result["dataset"]["manifest_sha256"] in summary and "Gate PASSED" in summary
+    assert str(Path(result["grid"]).resolve()) in artifacts["train-ddcolor-sample-grid"].data  # local MLflow: a path
+    assert "train-ddcolor-mlflow-run" not in artifacts  # a link only for an HTTP MLflow server
+
+    skipped = flow(config_path=None, work_dir=work, **params, return_state=True)
+    assert skipped.is_completed() and skipped.message.startswith("skipped:"), skipped.message
+    assert skipped.result()["run_id"] is None and skipped.result()["champion_version"] == "1"
+    assert "train-ddcolor-summary" in _artifacts(skipped.state_details.flow_run_id)
+
+    # gates are not part of the fingerprint, so an impossible gate needs force to retrain at all
+    impossible = sections(tmp_path, "flow-a", gates={"min_psnr": 1000.0})
+    worse = flow(config_path=None, work_dir=work, force=True, **impossible, return_state=True)
+    assert worse.is_completed() and worse.message.startswith("not promoted: gate failed"), worse.message
+    assert "psnr" in worse.message and worse.result()["status"] == "not_promoted"
+    assert worse.result()["model_version"] == "2" and worse.result()["champion_version"] == "1"
+    champion = _mlflow(tracking_uri).get_model_version_by_alias("flow-a", "champion")
+    assert str(champion.version) == "1"
+
+
+def test_flow_fails_at_validation_for_a_poisoned_dataset(flow, tmp_path, tracking_uri):
+    from ddcolor.config import load_config
+    from ddcolor.pipeline import ingest_step
+
+    params = sections(tmp_path, "flow-poisoned")
+    write_samples(params["data"]["source"], IMAGES)
+    ingest_step(load_config(None, {f"data.{k}": v for k, v in params["data"].items()}))
+    _poison_a_row(Path(params["data"]["shards_uri"]))
+
+    state = flow(config_path=None, work_dir=str(tmp_path / "work"), **params, return_state=True)
+    assert state.is_failed() and "failed validation" in state.message, state.message
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert "FAILED" in artifacts["train-ddcolor-validation"].data
+    assert "validation failed" in artifacts["train-ddcolor-summary"].data
+    assert _mlflow(tracking_uri).search_model_versions("name='flow-poisoned'") == []
+    assert os.environ["MLFLOW_TRACKING_URI"] == tracking_uri
+
+
+def _ingest_only(source: str, dest: str, ingest_task_runner: str | None):
+    """The flow's ingest task alone, in a flow run (as in `train_ddcolor`), into ``dest``."""
+    from ddcolor.config import load_config
+    from flows.train_ddcolor import ingest_task
+
+    overrides = {"data.size": 64, "data.shards_uri": dest, "data.val_fraction": 0.3, "data.shard_rows": 4}
+    return ingest_task(load_config(None, {**overrides, "data.num_workers": 0}), source, ingest_task_runner)
+
+
+def test_ingest_fans_out_on_the_process_task_runner_with_the_same_dataset(prefect_server, tmp_path, monkeypatch):
+    """ingest_task_runner='process': one prepare-batch task run per batch of 3 files, in the spawned processes of the
+    built-in ProcessPoolTaskRunner; the dataset (rows, splits, shards, quarantine) equals the local pool's. The same
+    with 'thread'."""
+    from conftest import make_random_images
+    from prefect import flow as prefect_flow
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from test_ingest import _content
+
+    from ddcolor.data import ingest as ingest_module
+
+    raw = tmp_path / "raw"
+    first, *_ = make_random_images(raw, 10)
+    (raw / "copy.png").write_bytes(first.read_bytes())
+    (raw / "broken.jpg").write_bytes(b"not an image")
+    monkeypatch.setattr(ingest_module, "MAP_BATCH", 3)  # 12 inputs: 4 prepare-batch tasks
+    ingest_only = prefect_flow(_ingest_only, name="ingest-only")
+
+    local = ingest_only(str(raw), str(tmp_path / "local"), None, return_state=True)
+    fanned = ingest_only(str(raw), str(tmp_path / "fanned"), "process", return_state=True)
+    assert local.is_completed() and fanned.is_completed(), fanned.message
+    assert fanned.result() == local.result() == {"ingested": 10, "duplicates": 1, "total_rows": 10}
+    assert _content(str(tmp_path / "fanned")) == _content(str(tmp_path / "local"))
+    (entry,) = ingest_module.load_quarantine(str(tmp_path / "fanned"))
+    assert entry["source_uri"] == str(raw / "broken.jpg") and entry["reason"].startswith("not an image")
+
+    def task_runs(state) -> list:
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        with get_client(sync_client=True) as client:
+            return client.read_task_runs(flow_run_filter=flow_runs)
+
+    batches = [r for r in task_runs(fanned) if r.name.startswith("prepare-batch")]
+    assert len(batches) == 4 and all(r.state.is_completed() for r in batches)
+    assert not [r for r in task_runs(local) if r.name.startswith("prepare-batch")]
+
+    threaded = ingest_only(str(raw), str(tmp_path / "threaded"), "thread", return_state=True)  # in this process
+    assert threaded.is_completed() and _content(str(tmp_path / "threaded")) == _content(str(tmp_path / "local"))
+    assert len([r for r in task_runs(threaded) if r.name.startswith("prepare-batch")]) == 4
+
+
+def test_unknown_ingest_task_runner_fails_the_flow_before_any_work(flow, tmp_path):
+    params = sections(tmp_path, "flow-bad-runner")
+    state = flow(
+        config_path=None, work_dir=str(tmp_path / "work"), ingest_task_runner="spark", **params, return_state=True
+    )
+    assert state.is_failed() and "ingest_task_runner='spark' is not a task runner" in state.message, state.message
+    assert "dask://host:port" in state.message and not Path(params["data"]["shards_uri"]).exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "package"),
+    [("dask", "prefect-dask"), ("dask://sched:8786", "prefect-dask"), ("ray://head:10001", "prefect-ray")],
+)
+def test_dask_and_ray_runners_need_their_package(spec, package, monkeypatch):
+    from flows.train_ddcolor import build_ingest_task_runner
+
+    module = package.replace("-", "_")
+    monkeypatch.setitem(sys.modules, module, None)  # not importable, even where it is installed
+    with pytest.raises(ImportError, match=f"pip install {package}"):
+        build_ingest_task_runner(spec)
+
+
+def test_ingest_task_runner_names(monkeypatch):
+    from types import SimpleNamespace
+
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    from flows.train_ddcolor import build_ingest_task_runner
+
+    assert isinstance(build_ingest_task_runner("thread"), ThreadPoolTaskRunner)
+    assert isinstance(build_ingest_task_runner("process"), ProcessPoolTaskRunner)
+    fake = SimpleNamespace(DaskTaskRunner=lambda address=None: ("dask", address))
+    monkeypatch.setitem(sys.modules, "prefect_dask", fake)  # stands in for prefect-dask: what it is given
+    assert build_ingest_task_runner("dask") == ("dask", None)
+    assert build_ingest_task_runner("dask://sched:8786") == ("dask", "tcp://sched:8786")
+    monkeypatch.setitem(sys.modules, "prefect_ray", SimpleNamespace(RayTaskRunner=lambda address=None: address))
+    assert build_ingest_task_runner("ray://head:10001") == "ray://head:10001"
+    for bad in ("spark", "dask://", "process://x", "Thread", ""):
+        with pytest.raises(ValueError, match="not a task runner; use one of thread, process, dask"):
+            build_ingest_task_runner(bad)

@@ -1,0 +1,309 @@
+"""The pipeline without Prefect (`ddcolor.pipeline`): fingerprint and skip logic, retry classification, the torchrun
+command, and whole runs on a tiny dataset (promote, skip, force, poisoned data) against a SQLite MLflow in tmp_path.
+
+The tiny recipe (atto with a small color decoder, 64 px, 2 steps, random weights and random metric networks) makes
+a whole run take ~30 s on 2 CPU cores; its metrics mean nothing, the control flow is what is tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ddcolor import pipeline
+from ddcolor.config import ConfigError, load_config
+from ddcolor.data.samples import write_samples
+from ddcolor.storage import StorageError, StorageNotFoundError
+from ddcolor.tracking import TrackingError
+from ddcolor.train import TrainingDivergedError
+
+#: A whole pipeline run in ~30 s: tiny network, 64 px, 2 steps, random weights everywhere (meaningless metrics).
+TINY = {
+    "model.preset": "atto",
+    "model.pretrained": None,
+    "model.num_queries": 16,
+    "model.dec_layers": 3,
+    "model.nf": 128,
+    "model.hidden_dim": 128,
+    "model.nheads": 4,
+    "model.dim_feedforward": 512,
+    "model.disc_nf": 16,
+    "data.size": 64,
+    "data.num_workers": 0,
+    "data.min_colorfulness": 0,
+    "data.val_fraction": 0.25,
+    "train.device": "cpu",
+    "train.batch_size": 2,
+    "train.max_steps": 2,
+    "train.loss_perceptual": 0,
+    "train.log_every": 1,
+    "eval.metric_weights": "random",
+    "eval.metrics": ["colorfulness", "delta_colorfulness", "psnr"],  # no Inception/AlexNet: seconds saved per run
+    "eval.image_size": 64,
+    "eval.max_images": 4,
+    "gates.fid_margin_vs_champion": None,  # FID is not computed (above)
+}
+IMAGES = 8
+
+
+def tiny_config(root: Path, name: str, **extra):
+    """The tiny recipe with data under ``root`` and its own registered model / experiment ``name``."""
+    return load_config(
+        None,
+        {
+            **TINY,
+            "data.source": str(root / "raw"),
+            "data.shards_uri": str(root / "shards"),
+            "registry.model_name": name,
+            "registry.experiment_name": name,
+            **extra,
+        },
+    )
+
+
+# --- fingerprint and skip ----------------------------------------------------------------------------------
+
+
+def test_fingerprint_follows_data_and_recipe_not_gates_registry_or_paths():
+    cfg = load_config(None)
+    base = pipeline.fingerprint(cfg, "a" * 64)
+    assert base == pipeline.fingerprint(load_config(None), "a" * 64)  # deterministic
+    assert len(base.value) == 64 and base.dataset_sha256 == "a" * 64
+    for change in ({"train.lr": 3e-4}, {"data.size": 128}, {"model.preset": "tiny"}, {"eval.max_images": 10}):
+        other = pipeline.fingerprint(cfg.with_overrides(change), "a" * 64)
+        assert other.value != base.value and other.config_sha256 != base.config_sha256, change
+    new_data = pipeline.fingerprint(cfg, "b" * 64)
+    assert new_data.value != base.value and new_data.config_sha256 == base.config_sha256
+    unrelated = (
+        {"gates.min_psnr": 20.0},
+        {"registry.model_name": "other"},
+        {"data.shards_uri": "s3://bucket/shards", "data.source": "s3://bucket/raw", "data.num_workers": 0},
+        {"train.log_every": 7, "train.checkpoint_dir": "/elsewhere"},
+    )
+    for change in unrelated:
+        assert pipeline.fingerprint(cfg.with_overrides(change), "a" * 64) == base, change
+
+
+def test_should_skip_says_why():
+    fp = pipeline.Fingerprint("f" * 64, "d" * 64, "c" * 64)
+    same = pipeline.ChampionInfo("3", fp.value, fp.dataset_sha256, fp.config_sha256, "run")
+    assert pipeline.should_skip(fp, None) == (False, "no champion yet")
+    skip, why = pipeline.should_skip(fp, same)
+    assert skip and "are those of champion v3" in why and "force" in why
+    skip, why = pipeline.should_skip(fp, same, force=True)
+    assert not skip and "forced" in why
+    skip, why = pipeline.should_skip(fp, pipeline.ChampionInfo("3", "x", "x", fp.config_sha256, "run"))
+    assert not skip and why.startswith("dataset changed")
+    skip, why = pipeline.should_skip(fp, pipeline.ChampionInfo("3", "x", fp.dataset_sha256, "x", "run"))
+    assert not skip and why.startswith("config changed")
+    skip, why = pipeline.should_skip(fp, pipeline.ChampionInfo("3", None, None, None, "run"))
+    assert not skip and "no pipeline.fingerprint tag" in why
+
+
+def test_section_overrides():
+    assert pipeline.section_overrides(data={"size": 64}, train={"max_steps": 3, "betas": [0.9, 0.999]}, eval=None) == {
+        "data.size": 64,
+        "train.max_steps": 3,
+        "train.betas": [0.9, 0.999],
+    }
+    with pytest.raises(TypeError, match="train: expected a mapping"):
+        pipeline.section_overrides(train=["max_steps=3"])
+
+
+def test_only_transient_errors_are_retried():
+    failed = SimpleNamespace(uri="data/shards", failures=[SimpleNamespace(name="shards.readable")])
+    wrapped = RuntimeError("MLflow call failed")
+    wrapped.__cause__ = ConnectionRefusedError("connection refused")
+    assert pipeline.is_transient(StorageError("s3://b/x", "endpoint unreachable after 5 attempts"))
+    assert pipeline.is_transient(TrackingError("MLflow tracking server http://x is unreachable"))
+    assert pipeline.is_transient(TimeoutError())
+    assert pipeline.is_transient(wrapped)
+    assert not pipeline.is_transient(pipeline.ValidationFailed(failed, "reports/validation_report.md"))
+    assert not pipeline.is_transient(StorageNotFoundError("s3://b/x", "no such key"))
+    assert not pipeline.is_transient(TrackingError("cannot open MLflow run 12ab: MlflowException: not found"))
+    assert not pipeline.is_transient(ConfigError("train.lrr: unknown key"))
+    assert not pipeline.is_transient(TrainingDivergedError(3, {"loss_g": float("nan")}, None))
+    assert not pipeline.is_transient(ValueError("batch_size must be divisible"))
+
+
+def test_validation_failed_names_the_report():
+    failed = SimpleNamespace(uri="data/shards", failures=[SimpleNamespace(name="rows.L_length")])
+    message = str(pipeline.ValidationFailed(failed, "runs/validation/validation_report.md"))
+    assert "rows.L_length" in message and "runs/validation/validation_report.md" in message
+    assert "Nothing was trained" in message
+
+
+def test_torchrun_command(tmp_path):
+    python = tmp_path / "bin" / "python"
+    cmd = pipeline.torchrun_command("cfg.yaml", "s3://b/shards", "out", 4, run_name="nightly", python=str(python))
+    assert cmd[:3] == [str(python), "-m", "torch.distributed.run"]  # no torchrun script next to that python
+    assert cmd[3:] == [
+        "--standalone",
+        "--nproc_per_node",
+        "4",
+        "-m",
+        "ddcolor.cli",
+        "train",
+        "--config",
+        "cfg.yaml",
+        "--data",
+        "s3://b/shards",
+        "--out",
+        "out",
+        "--no-progress",
+        "--run-name",
+        "nightly",
+    ]
+    python.parent.mkdir()
+    (python.parent / "torchrun").write_text("#!/bin/sh\n")
+    assert pipeline.torchrun_command("c", "d", "o", 2, python=str(python))[0] == str(python.parent / "torchrun")
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        pipeline.torchrun_command("c", "d", "o", 0)
+
+
+def test_distributed_step_reads_the_run_id_and_reports_failures(tmp_path, monkeypatch):
+    """The torchrun path end to end with a stand-in launcher (no second process group here)."""
+    run_id = "0123456789abcdef0123456789abcdef"
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text(f"import sys\nprint('trained 2 steps')\nprint('MLflow run: {run_id}; model: models:/m-1')\n")
+    monkeypatch.setattr(pipeline, "torchrun_command", lambda *a, **k: [sys.executable, str(script)])
+    cfg = load_config(None, {"train.max_steps": 2})
+    result = pipeline.train_distributed_step(cfg, "shards", out_dir=tmp_path / "out", nproc_per_node=2)
+    assert (result.run_id, result.model_uri, result.steps) == (run_id, "models:/m-1", 2)
+    assert load_config(tmp_path / "out" / "params.resolved.yaml") == cfg
+    script.write_text("import sys\nprint('Error: out of memory', file=sys.stderr)\nsys.exit(1)\n")
+    with pytest.raises(RuntimeError, match="exited with code 1:\nError: out of memory"):
+        pipeline.train_distributed_step(cfg, "shards", out_dir=tmp_path / "out", nproc_per_node=2)
+
+
+# --- whole runs ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.mark.slow
+def test_pipeline_promotes_then_skips_then_retrains_when_forced(tmp_path, tracking_uri):
+    cfg = tiny_config(tmp_path, "pipe-a")
+    write_samples(cfg.data.source, IMAGES)
+    work = tmp_path / "work"
+    run = dict(work_dir=work, tracking_uri=tracking_uri, progress=False, attach_onnx=False)
+
+    first = pipeline.run_pipeline(cfg, **run)
+    assert first.status == "promoted", first.summary()
+    assert first.model_version == first.champion_version == "1"
+    assert set(first.metrics) >= {"colorfulness", "psnr"} and first.gate_table.startswith("**Gate PASSED**")
+    assert Path(first.grid).is_file() and Path(first.validation_report).is_file()
+    client = _client(tracking_uri)
+    version = client.get_model_version_by_alias("pipe-a", "champion")
+    assert version.tags["pipeline.fingerprint"] == first.fingerprint
+    assert version.tags["pipeline.dataset_sha256"] == first.dataset["manifest_sha256"]
+    training_run = client.get_run(first.run_id)
+    assert training_run.data.tags["pipeline.fingerprint"] == first.fingerprint
+    assert "val/psnr" in training_run.data.metrics  # evaluation logged into the training run
+    assert [a.path for a in client.list_artifacts(first.run_id, "samples")] == ["samples/grid.png"]
+    assert json.loads(json.dumps(first.to_dict()))["status"] == "promoted"  # JSON-ready (flow result)
+    assert "# train-ddcolor: promoted" in first.to_markdown() and "| psnr |" in first.to_markdown()
+
+    second = pipeline.run_pipeline(cfg, **run)
+    assert second.status == "skipped" and "champion v1" in second.reason, second.summary()
+    assert second.run_id is None and second.fingerprint == first.fingerprint
+    assert "train" not in second.seconds and Path(second.grid).is_file()  # still colorized with the champion
+    assert len(client.search_model_versions("name='pipe-a'")) == 1
+
+    forced = pipeline.run_pipeline(cfg, force=True, **run)
+    assert forced.status in ("promoted", "not_promoted") and forced.model_version == "2", forced.summary()
+    assert forced.run_id not in (None, first.run_id)
+
+
+def _poison_a_row(shards: Path) -> None:
+    """Truncate one row's L bytes and re-hash the shard in the manifest: readable, well-listed, but wrong data."""
+    path = sorted((shards / "shards").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["L"] = rows[0]["L"][:-3]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    data = path.read_bytes()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if path.name in s["path"])
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_poisoned_dataset_stops_at_validation_with_nothing_registered(tmp_path, tracking_uri):
+    cfg = tiny_config(tmp_path, "pipe-poisoned")
+    write_samples(cfg.data.source, IMAGES)
+    pipeline.ingest_step(cfg)
+    _poison_a_row(Path(cfg.data.shards_uri))
+
+    result = pipeline.run_pipeline(cfg, work_dir=tmp_path / "work", tracking_uri=tracking_uri, progress=False)
+    assert result.status == "validation_failed" and result.run_id is None
+    assert "failed validation" in result.reason and result.validation_report in result.reason
+    assert "FAILED" in Path(result.validation_report).read_text()
+    client = _client(tracking_uri)
+    assert client.search_model_versions("name='pipe-poisoned'") == []
+    assert client.get_experiment_by_name("pipe-poisoned") is None  # no training run was even started
+
+
+# --- the CLI glue (the pipeline itself is faked: the runs above test it) ------------------------------------
+
+
+@pytest.fixture
+def fake_run_pipeline(monkeypatch, tmp_path):
+    calls = []
+
+    def fake(config, source=None, **kwargs):
+        calls.append((config, source, kwargs))
+        grid = tmp_path / "grid.png"
+        grid.write_bytes(b"png")
+        return pipeline.PipelineResult("promoted", "v1 is the new @champion", grid=str(grid), champion_version="1")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake)
+    return calls
+
+
+def test_cli_pipeline_no_prefect_merges_overrides(fake_run_pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from ddcolor.cli import app
+
+    args = ["pipeline", "--no-prefect", "--force", "--work-dir", str(tmp_path), "train.max_steps=3"]
+    result = CliRunner().invoke(app, [*args, "model.pretrained=null", "train.betas=[0.8, 0.9]", "--no-colorize"])
+    assert result.exit_code == 0, result.output
+    ((config, source, kwargs),) = fake_run_pipeline
+    assert config.train.max_steps == 3 and config.model.pretrained is None and config.train.betas == (0.8, 0.9)
+    assert config.data.size == load_config("params.yaml").data.size  # the rest from ./params.yaml
+    assert source is None and kwargs["force"] and not kwargs["colorize"] and kwargs["work_dir"] == str(tmp_path)
+    assert "PROMOTED" in result.output
+
+
+def test_cli_demo_no_prefect_writes_samples_and_says_where_to_look(fake_run_pipeline, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ddcolor.cli import app
+
+    monkeypatch.setenv("DDCOLOR_WEIGHTS_DIR", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(app, ["demo", "--no-prefect", "--out", str(tmp_path / "demo"), "--steps", "7"])
+    assert result.exit_code == 0, result.output
+    ((config, _, _),) = fake_run_pipeline
+    assert config.train.max_steps == 7 and config.model.pretrained is None
+    assert config.registry.model_name == "ddcolor-demo" and config.data.size == 128
+    assert len(list((tmp_path / "demo" / "data" / "raw").glob("*.jpg"))) == 48
+    assert "RANDOM-INIT TRAINING" in result.output and "mlflow ui --backend-store-uri" in result.output
+    assert "models:/ddcolor-demo@champion" in result.output and "sample grid" in result.output
