@@ -131,30 +131,57 @@ def test_dataset_version_of_an_s3_dataset(s3_env, tmp_path):
 # --- the pipeline definition -----------------------------------------------------------------------------
 
 
+def _out_paths(stage: dict) -> list[str]:
+    """Every out of a stage: outs, metrics and plots (plain strings or one-key mappings)."""
+    entries = [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
+    return [next(iter(o)) if isinstance(o, dict) else o for o in entries]
+
+
 def test_dvc_yaml_stages_and_remote():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(stages)[:3] == ["samples", "ingest", "validate"] and "demo" in stages
+    assert list(stages) == ["samples", "ingest", "validate", "train", "evaluate", "promote", "colorize"]
     assert stages["ingest"]["cmd"].startswith("ddcolor ingest data/raw --dest data/shards --config params.yaml")
     assert "data/raw" in stages["ingest"]["deps"] and stages["ingest"]["outs"] == ["data/shards"]
     assert stages["samples"]["outs"] == ["data/raw"] and "data/shards" in stages["validate"]["deps"]
+    assert stages["train"]["cmd"][0].startswith("ddcolor train --data data/shards --out models/train")
+    assert "reports/validation/validation.json" in stages["train"]["deps"]  # `dvc repro train` validates first
+    assert {"model", "train"} <= set(stages["train"]["params"])  # whole sections: `dvc exp run -S train.lr=...`
+    assert "--run-id model" in stages["evaluate"]["cmd"] and "eval" in stages["evaluate"]["params"]
+    assert "--model models/train/model.safetensors --out reports/promotion.json" in stages["promote"]["cmd"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     Config.model_validate(params)
+    produced: set[str] = set()
     for name, stage in stages.items():
         for key in stage.get("params", []):
-            section, field = key.split(".")
-            assert field in params[section], f"{name}: params.yaml has no {key}"
+            section, _, field = key.partition(".")
+            assert section in params and (not field or field in params[section]), f"{name}: params.yaml has no {key}"
         for dep in stage.get("deps", []):
-            assert dep.startswith("data/") or (ROOT / dep).exists(), f"{name}: missing dep {dep}"
+            assert dep in produced or (ROOT / dep).exists(), f"{name}: dep {dep} is neither a file nor an earlier out"
+        produced.update(_out_paths(stage))
     for stage in stages.values():  # no stage writes into another stage's out
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
         for other in stages.values():
             if other is not stage:
-                for o in other.get("outs", []):
-                    path = next(iter(o)) if isinstance(o, dict) else o
-                    assert all(not out.startswith(path + "/") for out in outs)
+                for path in _out_paths(other):
+                    assert all(out != path and not out.startswith(path + "/") for out in _out_paths(stage))
     config = (ROOT / ".dvc" / "config").read_text()
     assert "url = s3://ddcolor-data/dvc" in config and "remote = storage" in config
     assert "endpointurl" not in config and "secret" not in config  # endpoint and credentials: environment only
+
+
+def test_jsonl_to_json_for_dvc_plots(tmp_path):
+    from ddcolor.train.curves import jsonl_to_json, main
+
+    src = tmp_path / "metrics.jsonl"
+    src.write_text('{"step": 2, "loss_g": 1.5}\n\n{"step": 1, "loss_g": 2.5}\n')
+    assert jsonl_to_json(src, tmp_path / "plots" / "loss.json") == 2
+    assert json.loads((tmp_path / "plots" / "loss.json").read_text()) == [
+        {"step": 1, "loss_g": 2.5},
+        {"step": 2, "loss_g": 1.5},
+    ]
+    src.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:1"):
+        jsonl_to_json(src, tmp_path / "bad.json")
+    assert main([]) == 2
 
 
 # --- the pipeline, end to end ----------------------------------------------------------------------------
@@ -293,3 +320,122 @@ def _list_keys(bucket: str) -> list[str]:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
         for o in page.get("Contents", [])
     ]
+
+
+def test_promote_and_gate_take_the_run_from_a_checkpoint(tmp_path):
+    """`--model PATH` (what the promote stage passes) reads the run id from the checkpoint's JSON sidecar."""
+    runner = CliRunner()
+    untracked = tmp_path / "model.safetensors"
+    untracked.write_bytes(b"")
+    (tmp_path / "model.json").write_text(json.dumps({"extra": {}}))
+    for command in ("promote", "gate"):
+        result = runner.invoke(app, [command, "--model", str(untracked)])
+        assert result.exit_code == 1 and "records no MLflow run" in result.output, result.output
+        result = runner.invoke(app, [command, "--model", str(untracked), "--run-id", "abc"])
+        assert result.exit_code == 2 and "exactly one of" in result.output
+    result = runner.invoke(app, ["promote", "--rollback", "--model", str(untracked)])
+    assert result.exit_code == 2
+
+
+# --- train -> evaluate -> promote -> colorize, end to end -------------------------------------------------
+
+#: Tiny settings for the full pipeline on 2 CPU cores: random-init atto with a small decoder (as in
+#: tests/test_learning.py), 64 px, 2 steps, random-init metric networks (meaningless FID/LPIPS: a smoke test, no
+#: weights cache needed).
+TINY_PARAMS = {
+    "data": {"size": 64, "shard_rows": 4, "num_workers": 0, "val_fraction": 0.3},
+    "model": {
+        "pretrained": None,
+        "num_queries": 16,
+        "dec_layers": 3,
+        "nf": 128,
+        "hidden_dim": 128,
+        "nheads": 4,
+        "dim_feedforward": 512,
+        "disc_nf": 16,
+        "input_size": 64,
+    },
+    "train": {
+        "max_steps": 2,
+        "batch_size": 2,
+        "device": "cpu",
+        "checkpoint_every": 100000,
+        "log_every": 1,
+        "loss_perceptual": 0,  # no VGG16-BN to build
+    },
+    "eval": {
+        "image_size": 64,
+        "batch_size": 4,
+        "max_images": 4,
+        "metric_weights": "random",
+        "metrics": ["colorfulness", "delta_colorfulness", "psnr"],  # no Inception/AlexNet: seconds saved
+    },
+    "gates": {"fid_margin_vs_champion": None},  # FID is not computed
+}
+ALL_STAGES = ["samples", "ingest", "validate", "train", "evaluate", "promote", "colorize"]
+
+
+def _set_sections(repo: Path, sections: dict[str, dict]) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_repro_trains_evaluates_promotes_then_does_nothing(tmp_path):
+    import mlflow
+
+    sh = Shell(tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sh.env.update(
+        MLFLOW_TRACKING_URI=tracking_uri, GX_ANALYTICS_ENABLED="false", MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false"
+    )
+    sh.env.pop("AWS_ENDPOINT_URL", None)
+    repo = _project(sh, tmp_path / "repo", COUNT)
+    _set_sections(repo, TINY_PARAMS)
+    sh.git(repo, "commit", "-q", "-am", "tiny params")
+
+    out = sh.dvc(repo, "repro")
+    assert sorted(_ran(out)) == sorted(ALL_STAGES), out
+    model = repo / "models" / "train" / "model.safetensors"
+    assert model.is_file() and (repo / "models" / "train" / "model.json").is_file()
+    curves = json.loads((repo / "models" / "train" / "loss.json").read_text())
+    assert [r["step"] for r in curves] == [1, 2] and "loss_g" in curves[0]
+    metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
+    assert {"colorfulness", "delta_colorfulness", "psnr"} <= set(metrics)
+    assert (repo / "reports" / "eval" / "samples.png").is_file()
+    promotion = json.loads((repo / "reports" / "promotion.json").read_text())
+    assert promotion["decision"] == "promoted" and promotion["promoted"] is True and promotion["version"] == "1"
+    assert len(list((repo / "outputs" / "colorized").glob("*.jpg"))) == COUNT
+
+    # the registry and the run: the model's training run got the val/* metrics, its version is the champion
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run_id = json.loads((repo / "models" / "train" / "model.json").read_text())["extra"]["run_id"]
+    assert promotion["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert {"val/colorfulness", "val/psnr"} <= set(run.data.metrics) and "train/loss_g" in run.data.metrics
+    assert str(client.get_model_version_by_alias("ddcolor", "champion").version) == "1"
+
+    # models and big reports are git-ignored (DVC's .gitignore entries, checkpoints by the root .gitignore);
+    # metrics.json, report.md, promotion.json and dvc.lock are meant to be committed
+    status = sh.git(repo, "status", "--porcelain", "--untracked-files=all")
+    untracked = {line[3:] for line in status.splitlines() if not line.endswith("/.gitignore")}
+    assert not {p for p in untracked if p.startswith(("models/", "outputs/", "data/"))}, status
+    assert {"dvc.lock", "reports/eval/metrics.json", "reports/eval/report.md", "reports/promotion.json"} <= untracked
+    assert "reports/eval/samples.png" not in untracked
+
+    # nothing changed: nothing runs, nothing is registered again
+    out = sh.dvc(repo, "repro")
+    assert UP_TO_DATE in out and not _ran(out), out
+    assert [str(v.version) for v in client.search_model_versions("name='ddcolor'")] == ["1"]
+
+    # a sweep point: `dvc exp run -S` retrains and re-evaluates, and stops before the registry when asked
+    sh.git(repo, "add", "-A")
+    sh.git(repo, "commit", "-q", "-m", "first model")
+    out = sh.dvc(repo, "exp", "run", "-S", "train.lr=2e-4", "evaluate")
+    assert _ran(out) == ["train", "evaluate"], out
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 2e-4
+    assert [str(v.version) for v in client.search_model_versions("name='ddcolor'")] == ["1"]
+    shown = sh.dvc(repo, "exp", "show", "--json")
+    assert "2e-4" in shown.replace("0.0002", "2e-4")
