@@ -29,8 +29,19 @@ NAMESPACE = "ddcolor"
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yml", ".yaml"})
 DOCKERFILES = sorted(INFRA.rglob("Dockerfile"))
 K8S_FILES = sorted(p for p in K8S.glob("*.yaml") if p != KUSTOMIZATION)
+GPU_JOB = K8S / "examples" / "train-gpu-job.yaml"
+PREFECT_YAML = ROOT / "prefect.yaml"
+WORKER_DOCKERFILE = INFRA / "worker" / "Dockerfile"
 
-REQUIRED_SERVICES = {"minio", "minio-init", "postgres", "mlflow", "prefect-server", "prefect-worker"}
+REQUIRED_SERVICES = {
+    "minio",
+    "minio-init",
+    "postgres",
+    "mlflow",
+    "prefect-server",
+    "prefect-worker",
+    "prefect-worker-gpu",
+}
 CLUSTER_SCOPED_KINDS = {
     "Namespace",
     "ClusterRole",
@@ -319,6 +330,27 @@ def test_init_sql_creates_both_databases():
     for database in ("mlflow", "prefect"):
         assert f"CREATE DATABASE {database}" in sql
     assert "pg_trgm" in sql  # Prefect's trigram indexes
+
+
+def test_compose_gpu_worker(services):
+    """The GPU variant: same environment as the CPU worker, its own pool, NVIDIA devices, only with --profile gpu."""
+    gpu, cpu = services["prefect-worker-gpu"], services["prefect-worker"]
+    assert gpu["profiles"] == ["gpu"] and "profiles" not in cpu  # `up` without --profile starts no GPU container
+    assert env_mapping(gpu) == env_mapping(cpu)
+    assert env_mapping(cpu)["DDCOLOR_HOME"] == gpu["working_dir"] == cpu["working_dir"] == "/opt/ddcolor"
+    assert re.search(r"prefect worker start --pool ddcolor-gpu --type process", command_text(gpu))
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" in device
+    assert gpu["shm_size"] and gpu["healthcheck"]["test"] and gpu["depends_on"] == cpu["depends_on"]
+    assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"] == "infra/worker/Dockerfile"
+    assert "pypi.org" in gpu["build"]["args"]["TORCH_INDEX_URL"]  # CUDA wheels
+    assert gpu["image"] != cpu["image"]  # a CPU and a CUDA build must not overwrite each other's tag
+
+
+def test_worker_image_sets_ddcolor_home():
+    text = WORKER_DOCKERFILE.read_text(encoding="utf-8")
+    (workdir,) = re.findall(r"^WORKDIR\s+(\S+)", text, re.MULTILINE)
+    assert re.search(rf"DDCOLOR_HOME={re.escape(workdir)}\b", text), "the image must set DDCOLOR_HOME to its WORKDIR"
 
 
 def _compose_cli() -> list[str] | None:
@@ -645,6 +677,79 @@ def test_kubectl_kustomize_renders(k8s_docs):
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "ddcolor"
 
 
+def test_k8s_gpu_training_job_example():
+    """infra/k8s/examples/train-gpu-job.yaml: a torchrun Job on as many GPUs as processes, wired like the stack."""
+    (job,) = load_docs(GPU_JOB)
+    assert job["kind"] == "Job" and job["metadata"]["namespace"] == NAMESPACE
+    assert job["metadata"]["labels"]["app.kubernetes.io/part-of"] == "ddcolor"
+    assert GPU_JOB.name not in (KUSTOMIZATION.read_text(encoding="utf-8")), "an example, not part of the stack"
+    spec = pod_spec(job)
+    assert spec["restartPolicy"] == "Never"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for container in all_containers(job):
+        label = f"{GPU_JOB.name} container {container['name']}"
+        assert image_problem(container["image"]) is None, label
+        for section in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][section]), f"{label}: no {section} cpu+memory"
+        assert {m["name"] for m in container.get("volumeMounts", [])} <= set(volumes), label
+    (train,) = spec["containers"]
+    args = [str(a) for a in train["args"]]
+    assert train["command"] == ["torchrun"] and args[args.index("-m") + 1 : args.index("-m") + 3] == [
+        "ddcolor.cli",
+        "train",
+    ]
+    nproc = int(args[args.index("--nproc_per_node") + 1])
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == nproc, "one process per GPU"
+    assert "--resume" in args and any(a.startswith("train.checkpoint_dir=s3://") for a in args)  # evictions resume
+    mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    # credentials and endpoints come from objects of the stack
+    docs = [doc for path in K8S_FILES for doc in load_docs(path)]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    configmaps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    for env in train["env"]:
+        if SECRET_NAME.search(env["name"]):
+            ref = env["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert {s["configMapRef"]["name"] for s in train["envFrom"]} <= configmaps
+
+
+@pytest.fixture(scope="module")
+def prefect_deployments() -> dict[str, dict[str, Any]]:
+    if not PREFECT_YAML.is_file():
+        pytest.skip("prefect.yaml does not exist yet")
+    (doc,) = load_docs(PREFECT_YAML)
+    return {d["name"]: d for d in doc["deployments"]}
+
+
+def test_prefect_yaml_local_deployment_matches_compose_worker(prefect_deployments, services):
+    local = prefect_deployments["local"]
+    pool = local["work_pool"]["name"]
+    assert re.search(rf"--pool {pool} --type process", command_text(services["prefect-worker"]))
+    path, _, function = local["entrypoint"].partition(":")
+    assert (ROOT / path).is_file() and f"def {function}(" in (ROOT / path).read_text(encoding="utf-8")
+    assert local.get("schedules") and all(s.get("cron") for s in local["schedules"])
+
+
+def test_prefect_yaml_k8s_gpu_deployment_matches_work_pool(prefect_deployments, k8s_docs):
+    gpu = prefect_deployments["k8s-gpu"]
+    by_name = {doc["metadata"]["name"]: doc for doc in objects(k8s_docs, "Deployment")}
+    (worker,) = pod_spec(by_name["prefect-worker"])["containers"]
+    assert gpu["work_pool"]["name"] == worker["args"][worker["args"].index("--pool") + 1]
+    script = _work_pool_script()
+    template = script["gpu_template"](
+        _default_kubernetes_template(), image="x.example.com/ddcolor:1.0", namespace=NAMESPACE
+    )
+    job_variables = gpu["work_pool"]["job_variables"]
+    unknown = set(job_variables) - set(template["variables"]["properties"])
+    assert not unknown, f"k8s-gpu job_variables the ddcolor-k8s pool does not define (Prefect ignores them): {unknown}"
+    assert gpu["parameters"].get("nproc_per_node", 1) == job_variables.get("gpu_count", 1), "one process per GPU"
+    (workdir,) = re.findall(r"^WORKDIR\s+(\S+)", WORKER_DOCKERFILE.read_text(encoding="utf-8"), re.MULTILINE)
+    directories = [step[k]["directory"] for step in gpu.get("pull", []) for k in step if "set_working_directory" in k]
+    assert directories == [workdir], "the flow-run image has the repository at its WORKDIR"
+
+
 # --- documentation ------------------------------------------------------------------------------------------
 
 
@@ -659,5 +764,7 @@ def test_readme_documents_usage():
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "sqlite:///mlflow.db",
+        "--profile gpu",
+        "infra/k8s/examples/train-gpu-job.yaml",
     ):
         assert needle in readme, f"infra/README.md does not mention {needle!r}"
