@@ -268,6 +268,12 @@ def pipeline_command(
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="GPUs for torchrun DDP training."),
     colorize: bool = typer.Option(True, "--colorize/--no-colorize", help="Colorize the sample photos at the end."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (--no-prefect only)."),
+    ingest_task_runner: str | None = typer.Option(
+        None,
+        "--ingest-task-runner",
+        help="Fan ingestion out as Prefect tasks on: thread, process, dask[://host:port], ray[://host:port] "
+        "(not with --no-prefect). Default: a local process pool.",
+    ),
 ) -> None:
     """Ingest -> validate -> train -> evaluate -> gate -> promote -> colorize, as the `train-ddcolor` Prefect flow.
 
@@ -279,6 +285,9 @@ def pipeline_command(
 
     path = config if config is not None else ("params.yaml" if Path("params.yaml").is_file() else None)
     _train_config(path, overrides or [])  # a bad key is exit 2 before anything starts
+    if ingest_task_runner is not None and no_prefect:
+        typer.echo("Error: --ingest-task-runner needs the Prefect flow; drop --no-prefect", err=True)
+        raise typer.Exit(2)
     params = {
         "config_path": path,
         "source": source,
@@ -288,6 +297,8 @@ def pipeline_command(
         "nproc_per_node": nproc_per_node,
         "colorize": colorize,
     }
+    if ingest_task_runner is not None:
+        params["ingest_task_runner"] = ingest_task_runner
     _pipeline(params, no_prefect, progress)
 
 
