@@ -405,3 +405,49 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     server.start()
     yield server
     server.stop()
+
+
+# --- the tiny pipeline recipe ----------------------------------------------------------------------------------
+#
+#     from conftest import TINY_RECIPE, tiny_recipe, dotted
+#     params = tiny_recipe(data={"shard_rows": 4})      # params.yaml sections (flow / deployment parameters)
+#     cfg = load_config(None, dotted(params))           # the same as dotted overrides
+
+#: A whole pipeline run in seconds on 2 CPU cores, shared by the pipeline, flow, DVC and deployment tests: random-init
+#: atto with a small decoder (as tests/test_learning.py), 64 px, 2 steps, metrics without Inception/AlexNet (no
+#: weights cache; FID is not computed, so its champion margin is off).
+TINY_RECIPE: dict[str, dict] = {
+    "data": {"size": 64, "num_workers": 0, "min_colorfulness": 0, "val_fraction": 0.25},
+    "model": {
+        "preset": "atto",
+        "pretrained": None,
+        "num_queries": 16,
+        "dec_layers": 3,
+        "nf": 128,
+        "hidden_dim": 128,
+        "nheads": 4,
+        "dim_feedforward": 512,
+        "disc_nf": 16,
+    },
+    "train": {"device": "cpu", "batch_size": 2, "max_steps": 2, "loss_perceptual": 0, "log_every": 1},
+    "eval": {
+        "metric_weights": "random",
+        "metrics": ["colorfulness", "delta_colorfulness", "psnr"],
+        "image_size": 64,
+        "max_images": 4,
+    },
+    "gates": {"fid_margin_vs_champion": None},
+}
+
+
+def tiny_recipe(**changes: dict) -> dict[str, dict]:
+    """`TINY_RECIPE` with ``section={key: value}`` changes merged in (a new dict; the constant is not touched)."""
+    merged = {section: dict(values) for section, values in TINY_RECIPE.items()}
+    for section, values in changes.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def dotted(sections: dict[str, dict]) -> dict[str, object]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}`` (overrides for `ddcolor.config.load_config`)."""
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_bucket
+from conftest import make_bucket, tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -340,39 +340,13 @@ def test_promote_and_gate_take_the_run_from_a_checkpoint(tmp_path):
 
 # --- train -> evaluate -> promote -> colorize, end to end -------------------------------------------------
 
-#: Tiny settings for the full pipeline on 2 CPU cores: random-init atto with a small decoder (as in
-#: tests/test_learning.py), 64 px, 2 steps, random-init metric networks (meaningless FID/LPIPS: a smoke test, no
-#: weights cache needed).
-TINY_PARAMS = {
-    "data": {"size": 64, "shard_rows": 4, "num_workers": 0, "val_fraction": 0.3},
-    "model": {
-        "pretrained": None,
-        "num_queries": 16,
-        "dec_layers": 3,
-        "nf": 128,
-        "hidden_dim": 128,
-        "nheads": 4,
-        "dim_feedforward": 512,
-        "disc_nf": 16,
-        "input_size": 64,
-    },
-    "train": {
-        "max_steps": 2,
-        "batch_size": 2,
-        "device": "cpu",
-        "checkpoint_every": 100000,
-        "log_every": 1,
-        "loss_perceptual": 0,  # no VGG16-BN to build
-    },
-    "eval": {
-        "image_size": 64,
-        "batch_size": 4,
-        "max_images": 4,
-        "metric_weights": "random",
-        "metrics": ["colorfulness", "delta_colorfulness", "psnr"],  # no Inception/AlexNet: seconds saved
-    },
-    "gates": {"fid_margin_vs_champion": None},  # FID is not computed
-}
+#: The shared tiny recipe (conftest), with DVC's extras: small shards, 64 px colorize stage, no checkpoints.
+TINY_PARAMS = tiny_recipe(
+    data={"shard_rows": 4, "val_fraction": 0.3},
+    model={"input_size": 64},
+    train={"checkpoint_every": 100000},
+    eval={"batch_size": 4},
+)
 ALL_STAGES = ["samples", "ingest", "validate", "train", "evaluate", "promote", "colorize"]
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import MlflowServer, free_port
+from conftest import MlflowServer, free_port, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,30 +46,8 @@ IMAGES = 8
 
 pytestmark = pytest.mark.slow
 
-#: The tiny recipe as deployment parameters (sections merged onto params.yaml by the flow): random-init atto with a
-#: small decoder, 64 px, 2 steps, metrics without Inception/AlexNet (no weights cache, seconds saved).
-TINY = {
-    "data": {"size": 64, "num_workers": 0, "min_colorfulness": 0, "val_fraction": 0.25, "shard_rows": 4},
-    "model": {
-        "preset": "atto",
-        "pretrained": None,
-        "num_queries": 16,
-        "dec_layers": 3,
-        "nf": 128,
-        "hidden_dim": 128,
-        "nheads": 4,
-        "dim_feedforward": 512,
-        "disc_nf": 16,
-    },
-    "train": {"device": "cpu", "batch_size": 2, "max_steps": 2, "loss_perceptual": 0, "log_every": 1},
-    "eval": {
-        "metric_weights": "random",
-        "metrics": ["colorfulness", "delta_colorfulness", "psnr"],
-        "image_size": 64,
-        "max_images": 4,
-    },
-    "gates": {"fid_margin_vs_champion": None},
-}
+#: The shared tiny recipe (conftest) as deployment parameters (sections merged onto params.yaml by the flow).
+TINY = tiny_recipe(data={"shard_rows": 4})
 
 
 # --- processes ---------------------------------------------------------------------------------------------

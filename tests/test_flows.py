@@ -18,19 +18,18 @@ from ddcolor.data.samples import write_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flows/ is not part of the installed package
 
-from test_pipeline import IMAGES, TINY, _poison_a_row
+from conftest import tiny_recipe
+from test_pipeline import IMAGES, _poison_a_row
 
 pytestmark = pytest.mark.slow
 
 
 def sections(root: Path, name: str, **extra: dict) -> dict[str, dict]:
-    """TINY as flow parameters (``{"train": {...}, ...}``), data under ``root``, registered model ``name``."""
-    params: dict[str, dict] = {}
-    for key, value in TINY.items():
-        section, field = key.split(".")
-        params.setdefault(section, {})[field] = value
-    params["data"].update(source=str(root / "raw"), shards_uri=str(root / "shards"))
-    params["registry"] = {"model_name": name, "experiment_name": name}
+    """The tiny recipe as flow parameters (``{"train": {...}}``), data under ``root``, registered model ``name``."""
+    params = tiny_recipe(
+        data={"source": str(root / "raw"), "shards_uri": str(root / "shards")},
+        registry={"model_name": name, "experiment_name": name},
+    )
     for section, values in extra.items():
         params.setdefault(section, {}).update(values)
     return params

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_RECIPE, dotted
 
 from ddcolor import pipeline
 from ddcolor.config import ConfigError, load_config
@@ -24,32 +25,8 @@ from ddcolor.storage import StorageError, StorageNotFoundError
 from ddcolor.tracking import TrackingError
 from ddcolor.train import TrainingDivergedError
 
-#: A whole pipeline run in ~30 s: tiny network, 64 px, 2 steps, random weights everywhere (meaningless metrics).
-TINY = {
-    "model.preset": "atto",
-    "model.pretrained": None,
-    "model.num_queries": 16,
-    "model.dec_layers": 3,
-    "model.nf": 128,
-    "model.hidden_dim": 128,
-    "model.nheads": 4,
-    "model.dim_feedforward": 512,
-    "model.disc_nf": 16,
-    "data.size": 64,
-    "data.num_workers": 0,
-    "data.min_colorfulness": 0,
-    "data.val_fraction": 0.25,
-    "train.device": "cpu",
-    "train.batch_size": 2,
-    "train.max_steps": 2,
-    "train.loss_perceptual": 0,
-    "train.log_every": 1,
-    "eval.metric_weights": "random",
-    "eval.metrics": ["colorfulness", "delta_colorfulness", "psnr"],  # no Inception/AlexNet: seconds saved per run
-    "eval.image_size": 64,
-    "eval.max_images": 4,
-    "gates.fid_margin_vs_champion": None,  # FID is not computed (above)
-}
+#: The shared tiny recipe as dotted overrides (random weights everywhere: meaningless metrics).
+TINY = dotted(TINY_RECIPE)
 IMAGES = 8
 
 
