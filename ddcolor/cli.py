@@ -379,6 +379,7 @@ def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool) -
         home = Path(".prefect").resolve()
         typer.echo(f"  Prefect:        PREFECT_HOME={home} prefect server start   (flow train-ddcolor)")
     typer.echo(f"  your photos:    ddcolor colorize PHOTOS -o OUT --model models:/{name}@champion")
+    typer.echo(f"  playground:     ddcolor ui --registered-model {name}   (http://127.0.0.1:7860/)")
     if warnings:
         typer.echo("  (trained and scored without pretrained weights: see the warnings above)", err=True)
 
@@ -1051,6 +1052,11 @@ def ui_command(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest accepted file, MB."),
     max_files: int = typer.Option(16, "--max-files", min=1, help="Most files per request."),
     cache_size: int = typer.Option(3, "--cache-size", min=1, help="Loaded (model, input size) pairs kept in memory."),
+    registered_model: str | None = typer.Option(
+        None,
+        "--registered-model",
+        help="MLflow registered model to offer (champion, challenger, versions). Default: registry.model_name.",
+    ),
 ) -> None:
     """Start the web playground: colorize uploads with any registered version, release or checkpoint; compare them."""
     import uvicorn
@@ -1058,7 +1064,7 @@ def ui_command(
     from ddcolor.ui import UiSettings, create_app
     from ddcolor.ui.app import MB
 
-    cfg = _train_config(config, [])
+    cfg = _train_config(config, [f"registry.model_name={registered_model}"] if registered_model else [])
     loopback = _is_loopback(host)
     sizes = tuple(sorted({256, 512, 768, 1024, input_size}))
     settings = UiSettings(

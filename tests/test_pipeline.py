@@ -303,3 +303,4 @@ def test_cli_demo_no_prefect_writes_samples_and_says_where_to_look(fake_run_pipe
     assert len(list((tmp_path / "demo" / "data" / "raw").glob("*.jpg"))) == 48
     assert "RANDOM-INIT TRAINING" in result.output and "mlflow ui --backend-store-uri" in result.output
     assert "models:/ddcolor-demo@champion" in result.output and "sample grid" in result.output
+    assert "ddcolor ui --registered-model ddcolor-demo" in result.output

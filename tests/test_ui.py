@@ -291,6 +291,9 @@ def test_cli_ui_binds_loopback_and_warns_when_exposed(monkeypatch, offline_env):
     assert TestClient(started[-1][0]).get("/api/models").status_code == 401
     res = runner.invoke(cli, ["ui", "--checkpoint", "/no/such/dir"])
     assert res.exit_code == 2 and "no such file or folder" in res.output
+    res = runner.invoke(cli, ["ui", "--registered-model", "ddcolor-demo"])  # what `ddcolor demo` registers
+    assert res.exit_code == 0, res.output
+    assert TestClient(started[-1][0]).get("/api/models").json()["registry"]["model_name"] == "ddcolor-demo"
 
 
 # --- cache and locking -----------------------------------------------------------------------------------
