@@ -450,13 +450,10 @@ def promote_step(
     """Gate the run's ``val/*`` metrics (thresholds + vs champion), register its model (alias challenger, tagged
     with the fingerprint), and move the champion alias to it when the gate passed."""
     from ddcolor.registry import gate_run, promote, register
-    from ddcolor.tracking import _use_tracking_uri
 
     uri = _tracking_uri(tracking_uri)
     decision = gate_run(run_id, config, tracking_uri=uri)
-    # A SQL store's create_model_version looks the logged model up through MLflow's process-wide URI, not ours.
-    with _use_tracking_uri(uri):
-        version = register(run_id, None, config, tracking_uri=uri, attach_onnx=attach_onnx)
+    version = register(run_id, None, config, tracking_uri=uri, attach_onnx=attach_onnx)
     client = _client(uri)
     for key, value in fp.as_tags().items():
         client.set_model_version_tag(config.registry.model_name, version, key, value)
@@ -486,12 +483,10 @@ def colorize_step(
     ``out_dir/{gray,color}/`` and ``out_dir/grid.png`` (gray input | colorized | original)."""
     from ddcolor.demo import run_demo
     from ddcolor.registry import load_registered_generator
-    from ddcolor.tracking import _use_tracking_uri
 
     uri = _tracking_uri(tracking_uri)
     model_uri = model_uri or f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
-    with _use_tracking_uri(uri):  # resolving a version's models:/m-... source goes through the process-wide URI
-        network = load_registered_generator(model_uri, tracking_uri=uri)
+    network = load_registered_generator(model_uri, tracking_uri=uri)
     result = run_demo(out_dir, model=network, label=model_uri, input_size=input_size)
     log.info("colorize: %s -> %s", model_uri, result.grid)
     return result

@@ -161,9 +161,13 @@ def register(
     lineage.update({k: v for k, v in tags.items() if k.startswith("dataset.")})
     lineage.update({f"{METRIC_TAG_PREFIX}{k.removeprefix('val/')}": repr(float(v)) for k, v in metrics.items()})
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    mv = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=lineage, model_id=model_id, await_creation_for=60
-    )
+    # A SQL store's create_model_version looks the logged model up through MLflow's process-wide URI, not the client's
+    from ddcolor.tracking import _use_tracking_uri
+
+    with _use_tracking_uri(client.tracking_uri):
+        mv = client.create_model_version(
+            name, source=model_uri, run_id=run_id, tags=lineage, model_id=model_id, await_creation_for=60
+        )
     if attach_onnx:
         onnx_uri = _attach_onnx(client, run_id, model_uri, tracking_uri)
         client.set_model_version_tag(name, mv.version, ONNX_TAG, onnx_uri)

@@ -219,7 +219,6 @@ class ResolvedModel:
         label: a short human-readable name.
         random_init: True for random-init models (their colors are meaningless).
         version: the registered version, for registry models.
-        source: what the loader reads, when it differs from ``key`` (the ``models:/m-...`` logged model of a version).
     """
 
     spec: str
@@ -227,7 +226,6 @@ class ResolvedModel:
     label: str
     random_init: bool = False
     version: str | None = None
-    source: str | None = None
 
 
 @dataclass
@@ -354,11 +352,7 @@ class ModelCache:
             ) from None
         version = str(mv.version)
         label = f"{name} v{version}" + (f" ({spec})" if spec != uri and "@" in uri else "")
-        # Load the version's logged model by id: an http tracking server may return no model_id on the version, and
-        # `load_registered_generator` then hands its ``models:/m-...`` source to MLflow's process-wide tracking URI.
-        model_id = getattr(mv, "model_id", None) or (mv.source or "").removeprefix("models:/")
-        source = f"models:/{model_id}" if model_id.startswith("m-") else None
-        return ResolvedModel(spec, f"models:/{name}/{version}", label, version=version, source=source)
+        return ResolvedModel(spec, f"models:/{name}/{version}", label, version=version)
 
     # loading
     def load_network(self, resolved: ResolvedModel):
@@ -370,7 +364,7 @@ class ModelCache:
             preset, seed = parse_random_spec(resolved.key)
             return random_init_model(preset, seed=seed)  # logs RANDOM_INIT_WARNING
         if resolved.key.startswith("models:/"):
-            return load_registered_generator(resolved.source or resolved.key, tracking_uri=self.tracking_uri)
+            return load_registered_generator(resolved.key, tracking_uri=self.tracking_uri)
         return load_colorization_model(resolved.key)
 
     def get(self, spec: str, input_size: int) -> CachedModel:
