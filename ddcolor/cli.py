@@ -1,4 +1,5 @@
-"""The `ddcolor` command line. Each command is a thin wrapper over a library function."""
+"""The `ddcolor` command line. Most commands wrap one library function; finetune, evaluate and promote still hold
+some pipeline logic of their own (tracker lifecycle, fine-tune composition, the promotion record)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,6 @@ __all__ = [
     "colorfulness_loss",
     "colorfulness_np",
     "gray_rgb_from_l",
-    "gray_rgb_from_rgb",
     "lab_to_rgb",
     "rgb_to_lab",
     "rgb_uint8_to_lab",
@@ -203,22 +202,6 @@ def gray_rgb_from_l(l: torch.Tensor) -> torch.Tensor:  # noqa: E741 (L is the La
     _check_bchw(l, 1, "l")
     zeros = torch.zeros_like(l)
     return lab_to_rgb(torch.cat([l, zeros, zeros], dim=1), clamp=True)
-
-
-def gray_rgb_from_rgb(rgb: torch.Tensor) -> torch.Tensor:
-    """Gray network input from a color image: ``gray_rgb_from_l(rgb_to_lab(rgb)[:, :1])``.
-
-    Args:
-        rgb: float tensor of shape (B, 3, H, W), sRGB in [0, 1].
-
-    Returns:
-        Tensor of shape (B, 3, H, W), sRGB in [0, 1] with a = b = 0 (gray), same dtype as ``rgb``.
-
-    Raises:
-        ValueError: if ``rgb`` is not (B, 3, H, W).
-        TypeError: if ``rgb`` is not a floating point tensor.
-    """
-    return gray_rgb_from_l(rgb_to_lab(rgb)[:, :1])
 
 
 def _colorfulness(rgb: torch.Tensor, correction: int, eps: float) -> torch.Tensor:

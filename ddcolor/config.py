@@ -13,7 +13,7 @@ Usage::
     cfg = load_config("params.yaml", overrides=["train.lr=3e-4", "model.preset=tiny"])
     cfg.train.lr            # 0.0003
     cfg.to_flat_dict()      # {"data.source": "data/raw", ..., "train.lr": 0.0003, ...}
-    env = env_settings()    # endpoints and secrets from os.environ
+    env = EnvSettings.from_env()    # endpoints and secrets from os.environ
 
 Every mistake is a :class:`ConfigError` that names the source and the dotted key, e.g.
 ``params.yaml: train.lrr: unknown key (did you mean 'lr'?)``.
@@ -56,16 +56,12 @@ __all__ = [
     "ModelConfig",
     "RegistryConfig",
     "TrainConfig",
-    "env_settings",
     "load_config",
 ]
 
 ResizeMode = Literal["resize", "center_crop"]
 Metric = Literal["fid", "colorfulness", "delta_colorfulness", "psnr", "lpips"]
 Scalar = str | int | float | bool | None
-
-#: Preset name -> timm backbone (``arch.pretrained_tag``). DDColor's tiny and large encoders start from
-#: the ImageNet-22k ConvNeXt checkpoints; atto (3.7M params) only exists as ImageNet-1k and is for CPU demos.
 
 
 class ConfigError(ValueError):
@@ -600,7 +596,7 @@ class EnvSettings(BaseModel):
     """Endpoints and credentials, from environment variables only (documented in ``.env.example``).
 
     Each field reads the variable named by its alias; an empty variable counts as unset. Build it with
-    `EnvSettings.from_env()` (or `env_settings()`); nothing is read at import time.
+    `EnvSettings.from_env()`; nothing is read at import time.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore", validate_by_name=True, validate_by_alias=True)
@@ -643,8 +639,3 @@ class EnvSettings(BaseModel):
             "region_name": self.aws_default_region,
         }
         return {k: v for k, v in kwargs.items() if v}
-
-
-def env_settings(environ: Mapping[str, str] | None = None) -> EnvSettings:
-    """Endpoints and credentials from the environment (default: ``os.environ``)."""
-    return EnvSettings.from_env(environ)

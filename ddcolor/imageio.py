@@ -154,10 +154,8 @@ def default_max_pixels() -> int | None:
     Reads ``params.yaml`` in the working directory when there is one (None there means no limit), else the field's
     default in `ddcolor.config`, else PIL's default 89,478,485.
     """
-    try:
-        from ddcolor import config
-    except ImportError:
-        return DEFAULT_MAX_PIXELS
+    from ddcolor import config
+
     if Path("params.yaml").is_file():
         try:
             return config.load_config("params.yaml").data.max_image_pixels

@@ -108,7 +108,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
         raise
 
 
-def run_metrics(run_id: str, config: Config | None = None, *, tracking_uri: str | None = None) -> dict[str, float]:
+def run_metrics(run_id: str, *, tracking_uri: str | None = None) -> dict[str, float]:
     """The run's ``val/<name>`` metrics (latest values) as ``{name: value}``."""
     run = _client(tracking_uri).get_run(run_id)
     return {k.removeprefix("val/"): float(v) for k, v in run.data.metrics.items() if k.startswith("val/")}

@@ -26,7 +26,7 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -42,7 +42,6 @@ __all__ = [
     "is_s3",
     "join",
     "list_files",
-    "local_path",
     "open_input_file",
     "read_bytes",
     "read_json",
@@ -573,21 +572,3 @@ def open_input_file(uri: str | os.PathLike[str], buffer_size: int = 1 << 20) -> 
         return open(_local(text), "rb")
     except OSError as err:
         raise _local_error(err, text, "open") from None
-
-
-@contextlib.contextmanager
-def local_path(uri: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
-    """A local path with the content of ``uri``: the file itself, or a temporary download (deleted afterwards)."""
-    text = str(uri)
-    if not is_s3(text):
-        path = _local(text)
-        if not path.exists():
-            raise StorageNotFoundError(text, "no such file or folder")
-        yield path
-        return
-    if suffix is None:
-        suffix = Path(split_s3(text)[1]).suffix
-    with tempfile.TemporaryDirectory(prefix="ddcolor-") as tmp:
-        path = Path(tmp) / f"object{suffix}"
-        download_file(text, path)
-        yield path

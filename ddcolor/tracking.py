@@ -1,4 +1,4 @@
-"""Experiment tracking in MLflow: the one module of the library that imports mlflow (lazily, so importing it is cheap).
+"""Experiment tracking in MLflow (mlflow is imported lazily, so importing this module is cheap).
 
 The trainer talks to a :class:`Tracker`; :class:`MlflowTracker` sends everything to an MLflow tracking server or
 store, :class:`NullTracker` drops it (tracking off, tests). Usage::

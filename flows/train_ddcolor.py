@@ -1,7 +1,7 @@
 """Prefect 3 flow ``train-ddcolor``: ingest -> validate -> (skip?) -> train -> evaluate -> gate/promote -> colorize.
 
-Thin on purpose: every task calls one function of `ddcolor.pipeline` (which runs without Prefect too:
-``ddcolor pipeline --no-prefect``). Run it::
+Thin on purpose: every task calls `ddcolor.pipeline` (one function each, bar ``fingerprint``, which needs three), and
+the pipeline runs without Prefect too (``ddcolor pipeline --no-prefect``). Run it::
 
     python flows/train_ddcolor.py                                  # once, ephemeral Prefect, params.yaml as is
     ddcolor pipeline train.max_steps=50                            # the same through the CLI

@@ -13,7 +13,6 @@ from ddcolor.color import (
     colorfulness_loss,
     colorfulness_np,
     gray_rgb_from_l,
-    gray_rgb_from_rgb,
     lab_to_rgb,
     rgb_to_lab,
 )
@@ -187,16 +186,6 @@ def test_gray_rgb_from_l(dtype):
     assert lab[:, 1:].abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gray_rgb_from_rgb(dtype):
-    rgb = to_bchw(skdata.chelsea() / 255.0, dtype)
-    gray = gray_rgb_from_rgb(rgb)
-    torch.testing.assert_close(gray, gray_rgb_from_l(rgb_to_lab(rgb)[:, :1]))
-    lab = rgb_to_lab(gray)
-    torch.testing.assert_close(lab[:, :1], rgb_to_lab(rgb)[:, :1], rtol=0, atol=1e-3)
-    assert lab[:, 1:].abs().max() < 1e-2
-
-
 # --- colorfulness ---------------------------------------------------------------------------------------
 
 
@@ -265,7 +254,6 @@ def test_colorfulness_loss_gradient_flows():
         (lab_to_rgb, (2, 2, 4, 4)),
         (gray_rgb_from_l, (1, 3, 4, 4)),
         (gray_rgb_from_l, (1, 4, 4)),
-        (gray_rgb_from_rgb, (4, 4, 3)),
         (colorfulness, (3, 4, 4)),
         (colorfulness_loss, (1, 4, 4, 3)),
     ],

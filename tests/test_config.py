@@ -14,7 +14,6 @@ from ddcolor.config import (
     ConfigError,
     EnvSettings,
     ModelConfig,
-    env_settings,
     load_config,
 )
 
@@ -279,7 +278,7 @@ def clean_env(monkeypatch):
 
 def test_env_defaults(clean_env, tmp_path):
     clean_env.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    env = env_settings()
+    env = EnvSettings.from_env()
     assert env.mlflow_tracking_uri == "sqlite:///mlflow.db"
     assert env.aws_endpoint_url is None and env.aws_secret_access_key is None and env.prefect_api_url is None
     if "torch" not in sys.modules:  # else torch.hub.get_dir() decides
@@ -314,12 +313,12 @@ def test_env_reads_environment_and_hides_secrets(clean_env, tmp_path):
 
 def test_env_empty_variable_counts_as_unset(clean_env):
     clean_env.setenv("MLFLOW_TRACKING_URI", "")
-    assert env_settings().mlflow_tracking_uri == "sqlite:///mlflow.db"
+    assert EnvSettings.from_env().mlflow_tracking_uri == "sqlite:///mlflow.db"
 
 
 def test_env_from_explicit_mapping_ignores_os_environ(clean_env):
     clean_env.setenv("AWS_ENDPOINT_URL", "http://from-os:9000")
-    env = env_settings({"AWS_ENDPOINT_URL": "http://given:9000"})
+    env = EnvSettings.from_env({"AWS_ENDPOINT_URL": "http://given:9000"})
     assert env.aws_endpoint_url == "http://given:9000"
 
 

@@ -4,7 +4,7 @@
 ``MASTER_ADDR`` and ``MASTER_PORT`` for every process; `setup_distributed` reads them and joins the group
 (NCCL on CUDA, gloo on CPU). Without ``WORLD_SIZE`` (or with 1) it is a single process and nothing is initialised.
 
-Only rank 0 logs to the tracker, draws the progress bar and writes checkpoints (`is_main_process`).
+Only rank 0 logs to the tracker, draws the progress bar and writes checkpoints (`DistInfo.is_main`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "cleanup_distributed",
-    "get_rank",
     "get_world_size",
-    "is_main_process",
     "resolve_device",
     "setup_distributed",
 ]
@@ -135,17 +133,8 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and in a single process): the one that logs and writes checkpoints."""
-    return get_rank() == 0
 
 
 def barrier() -> None:

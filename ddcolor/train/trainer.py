@@ -729,8 +729,10 @@ class Trainer:
 def _load_init(spec: str, config: Config) -> nn.Module:
     """The generator named by ``init`` (see `Trainer`), in train mode.
 
+    ``spec`` is an official release name, a generator file, or an MLflow ``models:/...`` URI.
+
     Raises:
-        ValueError: an MLflow model URI (not supported yet).
+        FileNotFoundError: a ``models:/`` URI that does not resolve (no such model, version or alias).
         ddcolor.weights.WeightsNotFoundError: an official release that is not in the cache (names the command).
         FileNotFoundError, ddcolor.model.CheckpointError: a missing or unreadable file.
     """
