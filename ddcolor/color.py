@@ -131,22 +131,27 @@ def _linear_to_lab(lin: torch.Tensor) -> torch.Tensor:
     return torch.cat([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
 
 
-def rgb_uint8_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+def rgb_uint8_to_lab(rgb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Convert 8-bit sRGB to CIELAB, fast: the sRGB decoding is a 256-entry table instead of a pow per pixel.
 
-    Same function as ``rgb_to_lab(rgb / 255)``, computed in float32 (agrees within 1e-4).
+    Same function as ``rgb_to_lab(rgb / 255)``. In float32 it agrees within 1e-4, and the last bits depend on
+    the CPU's SIMD code path (AVX2, AVX-512, ...). In float64 the error is about 1e-13 on every CPU, which is
+    what byte-exact rounding needs (see ``ddcolor.data.shards.encode_lab``).
 
     Args:
         rgb: uint8 tensor of shape (B, 3, H, W).
+        dtype: torch.float32 (default) or torch.float64, the precision of the whole computation.
 
     Returns:
-        float32 (B, 3, H, W): L in [0, 100], a and b in Lab units.
+        (B, 3, H, W) in ``dtype``: L in [0, 100], a and b in Lab units.
     """
     if rgb.dtype != torch.uint8:
         raise TypeError(f"rgb must be uint8, got {rgb.dtype}")
     if rgb.ndim != 4 or rgb.shape[1] != 3:
         raise ValueError(f"rgb must have shape (B, 3, H, W) (batched, channels first), got shape {tuple(rgb.shape)}")
-    table = _srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0).float()  # (256,) linear sRGB
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    table = _srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0).to(dtype)  # (256,) linear sRGB
     return _linear_to_lab(table[rgb.long()])
 
 

@@ -1,14 +1,27 @@
-"""Shard encoding: round-trip error bounded by the quantisation steps stated in ddcolor.data.shards."""
+"""Shard encoding: round-trip error bounded by the quantisation steps stated in ddcolor.data.shards, and the same
+bytes on every CPU (a golden hash, and the rounding margin over all 8-bit colors)."""
 
 from __future__ import annotations
+
+import hashlib
+import io
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage import data
 
 from ddcolor.color import rgb_to_lab
-from ddcolor.data.shards import decode_lab, encode_lab, split_for
+from ddcolor.data.samples import sample_images
+from ddcolor.data.shards import AB_MAX, AB_MIN, _unrounded, decode_lab, encode_lab, split_for
+
+# sha256 of the decoded pixels of sample 0000_astronaut.jpg (512x512) and of its encoded L + ab bytes. Measured
+# on an AMX machine; the float64 encoding makes the second one the same on AVX2 and AVX-512 machines.
+GOLDEN_PIXELS_SHA256 = "d37dddd42572eda274e4d1c52cbee1b6a2abb061121242410d98869236e9babb"
+GOLDEN_LAB_SHA256 = "ce2515ee3811313f83fccd616213f6321a3da5d9e6753226947f245a86665a10"
+# float64 Lab differs between SIMD code paths by ~1e-13; no 8-bit color comes closer than ~5e-9 to a boundary.
+MIN_ROUNDING_MARGIN = 1e-9
 
 
 def test_round_trip_error_is_within_the_quantisation_step():
@@ -19,6 +32,33 @@ def test_round_trip_error_is_within_the_quantisation_step():
     exact = rgb_to_lab(torch.from_numpy(rgb).permute(2, 0, 1)[None].double() / 255)[0].numpy()
     assert np.abs(lightness[0] - exact[0]).max() <= 0.5 * 100 / 255 + 1e-6
     assert np.abs(ab - exact[1:]).max() <= 0.5 + 1e-6
+
+
+def test_encoded_bytes_of_a_sample_image_are_pinned():
+    sample = sample_images(1)[0]
+    rgb = np.array(Image.open(io.BytesIO(sample.data)).convert("RGB"))
+    assert hashlib.sha256(rgb.tobytes()).hexdigest() == GOLDEN_PIXELS_SHA256, (
+        f"{sample.name} decodes to other pixels here (a different scikit-image, Pillow or libjpeg): the Lab hash "
+        "below cannot be compared; re-pin both hashes if the new decoder is intended"
+    )
+    l_bytes, ab_bytes = encode_lab(rgb)
+    assert hashlib.sha256(l_bytes + ab_bytes).hexdigest() == GOLDEN_LAB_SHA256
+
+
+@pytest.mark.slow
+def test_no_8bit_color_encodes_near_a_rounding_boundary():
+    """Every 8-bit sRGB color (a 4096x4096 image holds all 2^24) is rounded at least MIN_ROUNDING_MARGIN away from
+    x.5, so float64 error (~1e-13, different per CPU) cannot change a byte."""
+    everything = np.arange(2**24, dtype=np.uint32)
+    rgb = np.stack([everything >> 16, (everything >> 8) & 255, everything & 255], axis=-1).astype(np.uint8)
+    rgb = rgb.reshape(4096, 4096, 3)
+    worst = []
+    for rows in np.array_split(rgb, 8):  # ~100 MB of float64 at a time
+        values = _unrounded(rows)
+        distance = np.abs(values - np.floor(values) - 0.5)
+        distance[1:][(values[1:] < AB_MIN - 0.5) | (values[1:] > AB_MAX + 0.5)] = 1.0  # clamped anyway
+        worst.append(distance.reshape(3, -1).min(axis=1))
+    assert np.min(worst, axis=0).min() > MIN_ROUNDING_MARGIN, np.min(worst, axis=0)
 
 
 def test_corrupt_row_lengths_are_reported():

@@ -8,6 +8,12 @@ Storage choice (per pixel: 1 byte L + 2 bytes ab = 3 bytes, the same as the 8-bi
 float16 would double the bytes (6 per pixel) to keep precision the source never had.
 
 Both are planar, row-major: `L` holds H*W bytes, `ab` holds 2*H*W bytes (all of a, then all of b).
+
+Same bytes on every CPU: the Lab values are computed in float64 before rounding. Over all 2^24 8-bit sRGB
+colors, no value to be rounded lies closer than 5e-9 to a rounding boundary (x.5), while float64 differs
+between SIMD code paths (AVX2, AVX-512, AMX machines) by about 1e-13; so every machine rounds the same way
+(tests/test_shards.py checks the margin over all colors). In float32 the error (~1e-5) crossed a boundary:
+shards ingested on an AVX2 and an AMX machine differed.
 """
 
 from __future__ import annotations
@@ -55,12 +61,19 @@ def split_for(sha256: str, val_fraction: float) -> str:
     return "val" if int(sha256[:8], 16) / 2**32 < val_fraction else "train"
 
 
+def _unrounded(rgb: np.ndarray) -> np.ndarray:
+    """sRGB uint8 (H, W, 3) -> float64 (3, H, W): L* x L_SCALE, a*, b*: the values `encode_lab` rounds."""
+    lab = rgb_uint8_to_lab(torch.from_numpy(rgb).permute(2, 0, 1)[None], dtype=torch.float64)[0]
+    lab[0] *= L_SCALE
+    return lab.numpy()
+
+
 def encode_lab(rgb: np.ndarray) -> tuple[bytes, bytes]:
-    """sRGB uint8 (H, W, 3) -> (L bytes, ab bytes) in the shard encoding above."""
+    """sRGB uint8 (H, W, 3) -> (L bytes, ab bytes) in the shard encoding above; the same bytes on every CPU."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected uint8 (H, W, 3) sRGB, got {rgb.dtype} {rgb.shape}")
-    lab = rgb_uint8_to_lab(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0].numpy()  # (3, H, W) L*, a*, b*
-    lightness = np.clip(np.rint(lab[0] * L_SCALE), 0, 255).astype(np.uint8)
+    lab = _unrounded(rgb)  # float64: see the module docstring for why not float32
+    lightness = np.clip(np.rint(lab[0]), 0, 255).astype(np.uint8)
     ab = np.clip(np.rint(lab[1:]), AB_MIN, AB_MAX).astype(np.int8)
     return lightness.tobytes(), ab.tobytes()
 
