@@ -38,6 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ddcolor.registry import CONFIG_SHA_TAG, DATASET_SHA_TAG, FINGERPRINT_TAG, ChampionInfo, champion_info
+from ddcolor.tracking import client as tracking_client
+from ddcolor.tracking.client import run_url
+
 if TYPE_CHECKING:
     from ddcolor.config import Config
     from ddcolor.data.ingest import BatchMapper, IngestReport
@@ -51,12 +55,10 @@ if TYPE_CHECKING:
 __all__ = [
     "FINGERPRINT_IGNORED",
     "FINGERPRINT_SECTIONS",
-    "ChampionInfo",
     "Fingerprint",
     "PipelineResult",
     "PromotionOutcome",
     "ValidationFailed",
-    "champion_info",
     "colorize_step",
     "evaluate_step",
     "fingerprint",
@@ -65,7 +67,6 @@ __all__ = [
     "log_grid",
     "promote_step",
     "run_pipeline",
-    "run_url",
     "section_overrides",
     "should_skip",
     "torchrun_command",
@@ -91,9 +92,6 @@ FINGERPRINT_IGNORED = frozenset(
         "train.log_every",
     }
 )
-FINGERPRINT_TAG = "pipeline.fingerprint"
-DATASET_SHA_TAG = "pipeline.dataset_sha256"
-CONFIG_SHA_TAG = "pipeline.config_sha256"
 GRID_ARTIFACT_DIR = "samples"  # MLflow run artifact folder of the sample grid
 
 
@@ -146,51 +144,12 @@ def fingerprint(config: Config, dataset: DatasetVersion | str) -> Fingerprint:
     return Fingerprint(_sha256_json({"dataset": dataset_sha, "config": config_sha}), dataset_sha, config_sha)
 
 
-@dataclass(frozen=True)
-class ChampionInfo:
-    """The current champion version and the pipeline tags it was registered with (None when absent)."""
-
-    version: str
-    fingerprint: str | None
-    dataset_sha256: str | None
-    config_sha256: str | None
-    run_id: str | None
-
-
 def _client(tracking_uri: str | None):
-    import mlflow
-
-    if tracking_uri is None:
-        from ddcolor.config import EnvSettings
-
-        tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
-    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return tracking_client.client(tracking_uri)
 
 
 def _tracking_uri(tracking_uri: str | None) -> str:
-    if tracking_uri is not None:
-        return tracking_uri
-    from ddcolor.config import EnvSettings
-
-    return EnvSettings.from_env().mlflow_tracking_uri
-
-
-def champion_info(config: Config, *, tracking_uri: str | None = None) -> ChampionInfo | None:
-    """The champion of ``registry.model_name`` (alias ``registry.champion_alias``), or None when there is none."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(config.registry.model_name, config.registry.champion_alias)
-    except MlflowException as err:
-        code = str(getattr(err, "error_code", ""))
-        if "RESOURCE_DOES_NOT_EXIST" in code or "INVALID_PARAMETER_VALUE" in code:
-            return None
-        raise
-    tags = mv.tags or {}
-    return ChampionInfo(
-        str(mv.version), tags.get(FINGERPRINT_TAG), tags.get(DATASET_SHA_TAG), tags.get(CONFIG_SHA_TAG), mv.run_id
-    )
+    return tracking_client.tracking_uri(tracking_uri)
 
 
 def should_skip(fp: Fingerprint, champion: ChampionInfo | None, *, force: bool = False) -> tuple[bool, str]:
@@ -497,18 +456,9 @@ def log_grid(run_id: str, grid: str | os.PathLike[str], *, tracking_uri: str | N
     (what a Prefect image artifact needs), else None."""
     uri = _tracking_uri(tracking_uri)
     _client(uri).log_artifact(run_id, str(grid), GRID_ARTIFACT_DIR)
-    if not uri.startswith(("http://", "https://")):
+    if not tracking_client.is_http(uri):
         return None
     return f"{uri.rstrip('/')}/get-artifact?path={GRID_ARTIFACT_DIR}/{Path(grid).name}&run_uuid={run_id}"
-
-
-def run_url(run_id: str, *, tracking_uri: str | None = None) -> str | None:
-    """The MLflow UI address of the run for an HTTP tracking server, else None (a local store has no UI running)."""
-    uri = _tracking_uri(tracking_uri)
-    if not uri.startswith(("http://", "https://")):
-        return None
-    experiment_id = _client(uri).get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def is_transient(err: BaseException) -> bool:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ddcolor.gates import GateDecision, decide
+from ddcolor.tracking import client as tracking_client
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -46,14 +47,20 @@ if TYPE_CHECKING:
     from ddcolor.config import Config
 
 __all__ = [
+    "CONFIG_SHA_TAG",
+    "DATASET_SHA_TAG",
+    "FINGERPRINT_TAG",
+    "ChampionInfo",
     "Promotion",
     "RegistryError",
+    "champion_info",
     "champion_metrics",
     "gate_run",
     "promote",
     "register",
     "rollback",
     "run_metrics",
+    "version_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,10 @@ PREVIOUS_TAG = "previous_champion"
 LOCK_SUFFIX = ".promotion-lock"
 _LOCK_TOKEN_TAG = "lock.token"
 _LOCK_EXPIRES_TAG = "lock.expires"
+#: Version tags the pipeline writes (`ddcolor.pipeline.Fingerprint.as_tags`) and `champion_info` reads back.
+FINGERPRINT_TAG = "pipeline.fingerprint"
+DATASET_SHA_TAG = "pipeline.dataset_sha256"
+CONFIG_SHA_TAG = "pipeline.config_sha256"
 
 
 class RegistryError(RuntimeError):
@@ -82,18 +93,19 @@ class Promotion:
     previous_champion: str | None
 
 
+@dataclass(frozen=True)
+class ChampionInfo:
+    """The current champion version and the pipeline tags it was registered with (None when absent)."""
+
+    version: str
+    fingerprint: str | None
+    dataset_sha256: str | None
+    config_sha256: str | None
+    run_id: str | None
+
+
 def _client(tracking_uri: str | None = None) -> MlflowClient:
-    import mlflow
-
-    if tracking_uri is None:
-        from ddcolor.config import EnvSettings
-
-        tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
-    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def _error_code(err: Exception) -> str:
-    return str(getattr(err, "error_code", ""))
+    return tracking_client.client(tracking_uri)
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -103,7 +115,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
-        if "RESOURCE_DOES_NOT_EXIST" in _error_code(err) or "INVALID_PARAMETER_VALUE" in _error_code(err):
+        if tracking_client.is_not_found(err):
             return None
         raise
 
@@ -148,7 +160,7 @@ def register(
     try:
         client.create_registered_model(name, description="DDColor image colorization generator.")
     except MlflowException as err:
-        if "ALREADY_EXISTS" not in _error_code(err):
+        if "ALREADY_EXISTS" not in tracking_client.error_code(err):
             raise
     if metrics is None:
         metrics = {k.removeprefix("val/"): v for k, v in run.data.metrics.items() if k.startswith("val/")}
@@ -162,9 +174,7 @@ def register(
     lineage.update({f"{METRIC_TAG_PREFIX}{k.removeprefix('val/')}": repr(float(v)) for k, v in metrics.items()})
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     # A SQL store's create_model_version looks the logged model up through MLflow's process-wide URI, not the client's
-    from ddcolor.tracking import _use_tracking_uri
-
-    with _use_tracking_uri(client.tracking_uri):
+    with tracking_client.use_tracking_uri(client.tracking_uri):
         mv = client.create_model_version(
             name, source=model_uri, run_id=run_id, tags=lineage, model_id=model_id, await_creation_for=60
         )
@@ -192,7 +202,8 @@ def _attach_onnx(client: MlflowClient, run_id: str, model_uri: str, tracking_uri
     return f"runs:/{run_id}/onnx/{path.name}"
 
 
-def _version_metrics(mv: Any) -> dict[str, float]:
+def version_metrics(mv: Any) -> dict[str, float]:
+    """The ``metric.*`` tags of a model version as ``{name: value}`` (unparsable values left out)."""
     out = {}
     for key, value in (mv.tags or {}).items():
         if key.startswith(METRIC_TAG_PREFIX):
@@ -208,7 +219,19 @@ def champion_metrics(config: Config, *, tracking_uri: str | None = None) -> tupl
     mv = _alias_version(_client(tracking_uri), config.registry.model_name, config.registry.champion_alias)
     if mv is None:
         return None
-    return str(mv.version), _version_metrics(mv)
+    return str(mv.version), version_metrics(mv)
+
+
+def champion_info(config: Config, *, tracking_uri: str | None = None) -> ChampionInfo | None:
+    """The champion of ``registry.model_name`` (alias ``registry.champion_alias``) with its pipeline tags, or None
+    when there is none."""
+    mv = _alias_version(_client(tracking_uri), config.registry.model_name, config.registry.champion_alias)
+    if mv is None:
+        return None
+    tags = mv.tags or {}
+    return ChampionInfo(
+        str(mv.version), tags.get(FINGERPRINT_TAG), tags.get(DATASET_SHA_TAG), tags.get(CONFIG_SHA_TAG), mv.run_id
+    )
 
 
 def gate_run(
@@ -267,7 +290,7 @@ def promotion_lock(
             if held == token:
                 break
         except MlflowException as err:
-            if "ALREADY_EXISTS" not in _error_code(err):
+            if "ALREADY_EXISTS" not in tracking_client.error_code(err):
                 raise
             _break_if_stale(client, lock_name)
         if time.monotonic() > deadline:
@@ -390,10 +413,7 @@ def load_registered_generator(model_uri: str, *, tracking_uri: str | None = None
 
     from ddcolor.model.checkpoint import CheckpointError, load_checkpoint
 
-    if tracking_uri is None:
-        from ddcolor.config import EnvSettings
-
-        tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
+    tracking_uri = tracking_client.tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="ddcolor-model-") as target:
         try:
             # Resolve the registry reference with an explicit client: no process-wide MLflow URI is changed.

@@ -53,8 +53,9 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from ddcolor import pipeline
+from ddcolor import pipeline, registry
 from ddcolor.config import Config, EnvSettings, load_config
+from ddcolor.tracking import client as tracking_client
 
 if TYPE_CHECKING:
     from ddcolor.data.ingest import BatchJob, Outcome
@@ -167,11 +168,11 @@ def validate_task(config: Config, report_dir: str) -> str | None:
 @task(name="fingerprint", **RETRY)
 def fingerprint_task(
     config: Config, tracking_uri: str
-) -> tuple[dict[str, Any], pipeline.Fingerprint, pipeline.ChampionInfo | None]:
+) -> tuple[dict[str, Any], pipeline.Fingerprint, registry.ChampionInfo | None]:
     from ddcolor.data.version import dataset_version
 
     dataset = dataset_version(config.data.shards_uri)
-    champion = pipeline.champion_info(config, tracking_uri=tracking_uri)
+    champion = registry.champion_info(config, tracking_uri=tracking_uri)
     return dataset.to_dict(), pipeline.fingerprint(config, dataset), champion
 
 
@@ -323,7 +324,8 @@ def train_ddcolor(
         if trained.run_id is None:
             raise RuntimeError("training logged no MLflow run; the flow needs one to gate and register the model")
         _tag_flow_run(f"mlflow_run_id:{trained.run_id}")
-        result.run_id, result.run_url = trained.run_id, pipeline.run_url(trained.run_id, tracking_uri=tracking_uri)
+        result.run_id = trained.run_id
+        result.run_url = tracking_client.run_url(trained.run_id, tracking_uri=tracking_uri)
         result.metrics = evaluate_task(
             cfg, trained.checkpoint_path, trained.run_id, str(out_dir / "eval"), tracking_uri
         )

@@ -21,6 +21,7 @@ from conftest import TINY_RECIPE, dotted
 from ddcolor import pipeline
 from ddcolor.config import ConfigError, load_config
 from ddcolor.data.samples import write_samples
+from ddcolor.registry import ChampionInfo
 from ddcolor.storage import StorageError, StorageNotFoundError
 from ddcolor.tracking import TrackingError
 from ddcolor.train import TrainingDivergedError
@@ -70,17 +71,17 @@ def test_fingerprint_follows_data_and_recipe_not_gates_registry_or_paths():
 
 def test_should_skip_says_why():
     fp = pipeline.Fingerprint("f" * 64, "d" * 64, "c" * 64)
-    same = pipeline.ChampionInfo("3", fp.value, fp.dataset_sha256, fp.config_sha256, "run")
+    same = ChampionInfo("3", fp.value, fp.dataset_sha256, fp.config_sha256, "run")
     assert pipeline.should_skip(fp, None) == (False, "no champion yet")
     skip, why = pipeline.should_skip(fp, same)
     assert skip and "are those of champion v3" in why and "force" in why
     skip, why = pipeline.should_skip(fp, same, force=True)
     assert not skip and "forced" in why
-    skip, why = pipeline.should_skip(fp, pipeline.ChampionInfo("3", "x", "x", fp.config_sha256, "run"))
+    skip, why = pipeline.should_skip(fp, ChampionInfo("3", "x", "x", fp.config_sha256, "run"))
     assert not skip and why.startswith("dataset changed")
-    skip, why = pipeline.should_skip(fp, pipeline.ChampionInfo("3", "x", fp.dataset_sha256, "x", "run"))
+    skip, why = pipeline.should_skip(fp, ChampionInfo("3", "x", fp.dataset_sha256, "x", "run"))
     assert not skip and why.startswith("config changed")
-    skip, why = pipeline.should_skip(fp, pipeline.ChampionInfo("3", None, None, None, "run"))
+    skip, why = pipeline.should_skip(fp, ChampionInfo("3", None, None, None, "run"))
     assert not skip and "no pipeline.fingerprint tag" in why
 
 

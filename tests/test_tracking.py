@@ -37,7 +37,7 @@ def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "ddcolor.tracking" and r.levelno == logging.WARNING and text in r.getMessage()
+        if r.name.startswith("ddcolor.tracking") and r.levelno == logging.WARNING and text in r.getMessage()
     ]
 
 
@@ -346,13 +346,13 @@ def test_temporary_tracking_uri_leaves_the_environment_as_it_was(monkeypatch, tm
     # would then look for the training run in ./mlflow.db
     import os
 
-    from ddcolor.tracking import _use_tracking_uri
+    from ddcolor.tracking.client import use_tracking_uri
 
     if before is None:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
-    with _use_tracking_uri(f"sqlite:///{tmp_path}/inside.db"):
+    with use_tracking_uri(f"sqlite:///{tmp_path}/inside.db"):
         pass
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
 
@@ -374,3 +374,43 @@ def test_attached_tracker_logs_into_the_existing_run(tmp_path):
     assert run.data.tags["stage"] == "eval" and run.info.status == "FINISHED"
     with pytest.raises(TrackingError, match="cannot open MLflow run no-such-run"):
         start_tracker(cfg, tracking_uri=uri, run_id="no-such-run")
+
+
+def test_experiment_kind_tag_is_set_but_never_clobbered(tmp_path):
+    import mlflow
+
+    from ddcolor.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = mlflow.MlflowClient(uri)
+    untagged = client.create_experiment("made-elsewhere")
+    client.create_experiment("user-tagged", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("new", "made-elsewhere", "user-tagged"):
+        MlflowTracker(uri, experiment=name, log_system_metrics=False).finish()
+    kinds = {name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG) for name in ("new", "user-tagged")}
+    assert kinds == {"new": EXPERIMENT_KIND, "user-tagged": "genai_development"}
+    assert client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_runs_are_named_after_what_they_are(tmp_path):
+    import hashlib
+
+    import mlflow
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"format": "ddcolor-lab-shards", "counts": {"rows": 3}}\n')
+    sha8 = hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest()[:8]
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(None, ["model.preset=atto", "data.size=128", "train.max_steps=7", f"data.shards_uri={data}"])
+    client = mlflow.MlflowClient(uri)
+
+    def name_of(**kwargs) -> str:
+        tracker = start_tracker(cfg, tracking_uri=uri, log_system_metrics=False, **kwargs)
+        tracker.finish()
+        return client.get_run(tracker.run_id).info.run_name
+
+    assert name_of() == f"atto-128px-7steps-{sha8}"
+    assert name_of(dataset_uri=str(tmp_path / "missing")) == "atto-128px-7steps"  # no manifest: no hash
+    assert name_of(tags={"prefect.flow_run_name": "vivid-okapi"}) == "vivid-okapi"
+    assert name_of(run_name="nightly", tags={"prefect.flow_run_name": "vivid-okapi"}) == "nightly"

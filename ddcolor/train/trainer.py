@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddcolor import storage
 from ddcolor.config import Config
+from ddcolor.tracking.context import git_sha
 from ddcolor.train import checkpoint as ckpt
 from ddcolor.train.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, setup_distributed
 
@@ -119,21 +119,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # all devices
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _flat_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -670,7 +655,7 @@ class Trainer:
                 "epoch": self.loader.dataset.epoch,
                 "dataset": getattr(self, "dataset_version", {"uri": self.dataset_uri}),
                 "init": self.init,
-                "git_sha": _git_sha(),
+                "git_sha": git_sha(),
                 "run_id": self.tracker.run_id,
                 "world_size": self.dist.world_size,
                 "micro_batch_size": self.micro_batch,

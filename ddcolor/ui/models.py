@@ -116,22 +116,23 @@ def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> tuple
     local store (sqlite:, file paths) there is no server, so url is None and the hint names the command that starts
     one (``mlflow ui --backend-store-uri ...``) and the page to open there.
     """
-    from ddcolor.tracking import _redact
+    from ddcolor.tracking.client import run_url
 
+    url = run_url(run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
+    if url:
+        return url, f"MLflow run {run_id}"
     fragment = f"#/experiments/{experiment_id}/runs/{run_id}"
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{_redact(tracking_uri).rstrip('/')}/{fragment}", f"MLflow run {run_id}"
     return None, f"run `mlflow ui --backend-store-uri {tracking_uri}`, then open http://127.0.0.1:5000/{fragment}"
 
 
 def _registry_unreachable(tracking_uri: str) -> str | None:
     """Why the registry cannot be read right now (quick checks only), or None."""
-    from ddcolor.tracking import _health_problem, _redact
+    from ddcolor.tracking.client import health_problem, is_http, redact
 
-    if tracking_uri.startswith(("http://", "https://")):
-        problem = _health_problem(tracking_uri, REGISTRY_PROBE_TIMEOUT_S)
+    if is_http(tracking_uri):
+        problem = health_problem(tracking_uri, REGISTRY_PROBE_TIMEOUT_S)
         if problem:
-            where = _redact(tracking_uri)
+            where = redact(tracking_uri)
             return f"MLflow at {where} is not reachable ({problem}); start it or set MLFLOW_TRACKING_URI"
     elif tracking_uri.startswith("sqlite:///"):
         path = Path(urllib.parse.unquote(tracking_uri.removeprefix("sqlite:///")))
@@ -151,13 +152,13 @@ def registry_catalogue(config: Config, tracking_uri: str, max_versions: int = 50
     """
     from mlflow.exceptions import MlflowException
 
-    from ddcolor.registry import _client, _version_metrics, blessing
-    from ddcolor.tracking import _redact
+    from ddcolor.registry import blessing, version_metrics
+    from ddcolor.tracking.client import client, is_not_found, redact
 
     name = config.registry.model_name
     out: dict[str, Any] = {
         "model_name": name,
-        "tracking_uri": _redact(tracking_uri),
+        "tracking_uri": redact(tracking_uri),
         "error": None,
         "aliases": {},
         "versions": [],
@@ -166,28 +167,28 @@ def registry_catalogue(config: Config, tracking_uri: str, max_versions: int = 50
     if problem:
         out["error"] = problem
         return out
-    client = _client(tracking_uri)
+    mlflow_client = client(tracking_uri)
     try:
         try:
-            aliases = dict(client.get_registered_model(name).aliases or {})
+            aliases = dict(mlflow_client.get_registered_model(name).aliases or {})
         except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(err, "error_code", "")):
+            if not is_not_found(err):
                 raise
-            where = _redact(tracking_uri)
+            where = redact(tracking_uri)
             out["error"] = f"no registered model {name!r} at {where} yet (`ddcolor promote --run-id ...` adds one)"
             return out
         out["aliases"] = {alias: str(version) for alias, version in aliases.items()}
         by_version: dict[str, list[str]] = {}
         for alias, version in out["aliases"].items():
             by_version.setdefault(version, []).append(alias)
-        found = client.search_model_versions(f"name = '{name}'", max_results=max_versions)
+        found = mlflow_client.search_model_versions(f"name = '{name}'", max_results=max_versions)
         experiments: dict[str, str] = {}
         for mv in sorted(found, key=lambda v: int(v.version), reverse=True):
             run_id = (mv.tags or {}).get("lineage.run_id") or mv.run_id
             url, hint = None, ""
             if run_id:
                 if run_id not in experiments:
-                    experiments[run_id] = client.get_run(run_id).info.experiment_id
+                    experiments[run_id] = mlflow_client.get_run(run_id).info.experiment_id
                 url, hint = mlflow_run_link(tracking_uri, experiments[run_id], run_id)
             decision = blessing(mv.tags or {})
             out["versions"].append(
@@ -197,14 +198,14 @@ def registry_catalogue(config: Config, tracking_uri: str, max_versions: int = 50
                     "run_id": run_id,
                     "run_url": url,
                     "run_hint": hint,
-                    "metrics": _version_metrics(mv),
+                    "metrics": version_metrics(mv),
                     "gate": decision.to_dict() if decision else None,
                     "created_ms": mv.creation_timestamp,
                     "description": mv.description or "",
                 }
             )
     except MlflowException as err:
-        out["error"] = f"cannot read the registry at {_redact(tracking_uri)}: {err}"
+        out["error"] = f"cannot read the registry at {redact(tracking_uri)}: {err}"
     return out
 
 
@@ -329,7 +330,7 @@ class ModelCache:
         """An alias or ``models:/`` URI -> the version it names now (key ``models:/NAME/VERSION``)."""
         from mlflow.exceptions import MlflowException
 
-        from ddcolor.registry import _client
+        from ddcolor.tracking.client import client
 
         problem = _registry_unreachable(self.tracking_uri)
         if problem:
@@ -337,14 +338,14 @@ class ModelCache:
         ref = uri.removeprefix("models:/")
         if ref.startswith("m-") or ("@" not in ref and "/" not in ref):
             return ResolvedModel(spec, uri, spec)  # a logged model id: nothing to resolve
-        client = _client(self.tracking_uri)
+        mlflow_client = client(self.tracking_uri)
         try:
             if "@" in ref:
                 name, alias = ref.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
+                mv = mlflow_client.get_model_version_by_alias(name, alias)
             else:
                 name, number = ref.split("/", 1)
-                mv = client.get_model_version(name, number)
+                mv = mlflow_client.get_model_version(name, number)
         except MlflowException as err:
             raise ModelSpecError(
                 f"no registered model behind {spec!r} ({uri}) at {self.tracking_uri}: "

@@ -1,15 +1,20 @@
-"""Experiment tracking in MLflow (mlflow is imported lazily, so importing this module is cheap).
+"""The experiment tracker: what the trainer and the evaluation log to (mlflow is imported lazily).
 
 The trainer talks to a :class:`Tracker`; :class:`MlflowTracker` sends everything to an MLflow tracking server or
 store, :class:`NullTracker` drops it (tracking off, tests). Usage::
 
-    tracker = start_tracker(cfg, run_name="nightly")      # MLflow run + every param of params.yaml
-    tracker.set_tags(dataset_version(cfg.data.shards_uri).as_tags())
-    for step in ...:
-        tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": ips}, step=step)
-    tracker.log_image(grid_uint8_hwc, key="val_samples", step=step)
-    uri = tracker.log_model(save_checkpoint(generator, "checkpoints/generator"))   # "models:/m-..."
-    tracker.finish()                                       # or finish("FAILED") in an except block
+    with start_tracker(cfg) as tracker:                   # MLflow run + every param of params.yaml
+        tracker.set_tags(dataset_version(cfg.data.shards_uri).as_tags())
+        for step in ...:
+            tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": ips}, step=step)
+        tracker.log_image(grid_uint8_hwc, key="val_samples", step=step)
+        uri = tracker.log_model(save_checkpoint(generator, "checkpoints/generator"))   # "models:/m-..."
+    # leaving the block finishes the run: FINISHED, FAILED on an exception, KILLED on Ctrl-C
+
+Naming. Experiments the platform creates or uses get the tag ``mlflow.experimentKind=custom_model_development``
+(a value a person already set is kept). A run started without an explicit name is named after what it is
+(`default_run_name`): the Prefect flow-run name when the tags carry one, else
+``<preset>-<input_size>px-<steps>steps-<first 8 hex of the dataset manifest sha256>``.
 
 Failure policy:
 
@@ -25,8 +30,8 @@ Failure policy:
   (``artifact_timeout_s`` for artifact and model uploads), so a hung server blocks a training step for at most about
   ``2 * timeout_s`` once, then not at all; a refused connection costs milliseconds.
 
-The final generator is logged as an MLflow ``LoggedModel`` (pyfunc flavor, :class:`DDColorPyfunc`): artifacts
-``checkpoint`` (safetensors) and ``config`` (JSON), a tensor signature uint8 (B,H,W,3) RGB images -> uint8
+The final generator is logged as an MLflow ``LoggedModel`` (pyfunc flavor, `ddcolor.tracking.pyfunc.DDColorPyfunc`):
+artifacts ``checkpoint`` (safetensors) and ``config`` (JSON), a tensor signature uint8 (B,H,W,3) RGB images -> uint8
 (B,H,W,3) colorized images (param ``input_size``, default 512); load it with ``mlflow.pyfunc.load_model(uri)`` or
 serve it with ``mlflow models serve -m <uri>``. The same two files are also run artifacts
 under ``checkpoint/``, and the run gets the tag ``ddcolor.model_uri``.
@@ -35,28 +40,23 @@ under ``checkpoint/``, and the run gets the tag ``ddcolor.model_uri``.
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
-import importlib.metadata
 import importlib.util
 import json
 import logging
 import math
 import os
-import platform
-import re
-import socket
-import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ddcolor.tracking import client as tracking_client
+from ddcolor.tracking.client import health_problem, is_http, redact, use_tracking_uri
+from ddcolor.tracking.context import run_context_tags
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,20 +64,24 @@ if TYPE_CHECKING:
     from ddcolor.config import Config
 
 __all__ = [
-    "DDColorPyfunc",  # noqa: F822 - defined on first access (module __getattr__), as it subclasses an mlflow class
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
+    "FLOW_RUN_NAME_TAG",
+    "RUN_STATUSES",
     "MlflowTracker",
     "NullTracker",
     "Tracker",
     "TrackingError",
-    "model_signature",
-    "run_context_tags",
+    "default_run_name",
     "start_tracker",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Packages whose versions are recorded as ``version.<name>`` tags on every run.
-VERSIONED_PACKAGES = ("torch", "timm", "ddcolor", "mlflow", "numpy")
+#: Experiment tag the MLflow UI reads to show an experiment as custom model development (set on experiments we create
+#: or use, unless a person already set another value).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 #: Run statuses accepted by :meth:`Tracker.finish`.
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _TRUNCATED = "...[truncated]"
@@ -133,6 +137,14 @@ class Tracker(Protocol):
         """End the run with `status` (FINISHED, FAILED or KILLED); later calls do nothing."""
         ...
 
+    def __enter__(self) -> Tracker:
+        """The tracker itself (``with start_tracker(...) as tracker:``)."""
+        ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        """Finish the run: FINISHED without an exception, KILLED on KeyboardInterrupt, else FAILED."""
+        ...
+
 
 class NullTracker:
     """A `Tracker` that records nothing (tracking off, tests)."""
@@ -165,7 +177,7 @@ class NullTracker:
     def __enter__(self) -> NullTracker:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         pass
 
 
@@ -176,87 +188,6 @@ def _run_tags(tags: Mapping[str, str]) -> list[Any]:
     from mlflow.entities import RunTag
 
     return [RunTag(k, v) for k, v in tags.items()]
-
-
-def _redact(uri: str) -> str:
-    """The URI with any password replaced by ``***``."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
-
-
-def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def _health_problem(uri: str, timeout: float) -> str | None:
-    """None when ``GET {uri}/health`` answers like an MLflow server does, else what went wrong."""
-    parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
-    netloc = parts.hostname or ""
-    netloc = f"[{netloc}]" if ":" in netloc else netloc
-    url = urllib.parse.urlunsplit(parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc))
-    request = urllib.request.Request(url)
-    if parts.username:  # urllib does not take credentials from the URL
-        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read(256)
-        return None
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 407):  # an auth proxy answered; MLflow's client sends the credentials
-            return None
-        hint = ""
-        if err.code in (400, 403):
-            hint = " (the server may reject this Host header: start it with --allowed-hosts including this host)"
-        return f"GET {url} answered HTTP {err.code} {err.reason}{hint}"
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        return f"GET {url} failed: {reason}"
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _git_tags() -> dict[str, str]:
-    """``git.commit`` / ``git.dirty`` of the working directory's repository, else of the ddcolor package's."""
-    import ddcolor
-
-    for where in (Path.cwd(), Path(ddcolor.__file__).resolve().parent):
-        commit = _git(["rev-parse", "HEAD"], where)
-        if commit:
-            status = _git(["status", "--porcelain", "--untracked-files=no"], where)
-            tags = {"git.commit": commit, "mlflow.source.git.commit": commit}
-            if status is not None:
-                tags["git.dirty"] = "true" if status else "false"
-            branch = _git(["rev-parse", "--abbrev-ref", "HEAD"], where)
-            if branch:
-                tags["git.branch"] = branch
-            return tags
-    return {}
-
-
-def _package_version(name: str) -> str:
-    if name == "ddcolor":
-        import ddcolor
-
-        return ddcolor.__version__
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def run_context_tags() -> dict[str, str]:
-    """Tags recorded on every run: git commit and dirty flag, package versions, Python version, host."""
-    tags = _git_tags()
-    tags.update({f"version.{name}": _package_version(name) for name in VERSIONED_PACKAGES})
-    tags["version.python"] = platform.python_version()
-    tags["host"] = socket.gethostname()
-    return tags
 
 
 def _stringify(value: Any) -> str:
@@ -295,34 +226,6 @@ def _mlflow_context_tags() -> dict[str, str]:
         return {}
 
 
-@contextlib.contextmanager
-def _use_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to `uri` only inside the block (``Model.log`` reads it).
-
-    The environment variable ``MLFLOW_TRACKING_URI`` is the same afterwards as before: MLflow's own helper restores
-    its global URI, and restoring it to "never set" (None) *unsets* the variable (``set_tracking_uri(None)``), which
-    would send every later call in this process (e.g. evaluation after training in one flow run) to the default
-    ``sqlite:///mlflow.db``.
-    """
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        try:
-            from mlflow.tracking._tracking_service.utils import _use_tracking_uri as use
-        except ImportError:  # pragma: no cover - other MLflow versions: set it for good
-            import mlflow
-
-            mlflow.set_tracking_uri(uri)
-            yield
-            return
-        with use(uri):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -349,124 +252,6 @@ def _resolve_checkpoint(path: Path, name: str) -> Path:
     return path
 
 
-def _checkpoint_config(checkpoint: Path, tmp: Path) -> Path:
-    """The JSON config beside `checkpoint`, or one written into `tmp` from the safetensors metadata."""
-    sidecar = checkpoint.with_suffix(".json")
-    if sidecar.is_file():
-        return sidecar
-    from safetensors import safe_open
-
-    with safe_open(str(checkpoint), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if "ddcolor" not in metadata:
-        raise FileNotFoundError(f"{checkpoint}: no {sidecar.name} beside it and no config in its metadata")
-    out = tmp / sidecar.name
-    out.write_text(json.dumps(json.loads(metadata["ddcolor"]), indent=2) + "\n")
-    return out
-
-
-def model_signature() -> Any:
-    """The pyfunc signature: uint8 (B,H,W,3) RGB images -> uint8 (B,H,W,3) colorized RGB; B, H, W free.
-
-    Param ``input_size`` (int, default 512): side of the square network input (a multiple of 32).
-    """
-    import numpy as np
-    from mlflow.models import infer_signature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    example = np.zeros((1, 8, 8, 3), np.uint8)
-    signature = infer_signature(example, example, params={"input_size": 512})
-    signature.inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
-    signature.outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
-    return signature
-
-
-# --- pyfunc model ------------------------------------------------------------------------------------------
-
-
-def _make_pyfunc_class() -> type:
-    """Define `DDColorPyfunc` (it subclasses an mlflow class, so it is built on first use, not at import)."""
-    if "DDColorPyfunc" in globals():
-        return globals()["DDColorPyfunc"]
-    import mlflow.pyfunc
-
-    class DDColorPyfunc(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc wrapper of a DDColor generator checkpoint.
-
-        Artifacts: ``checkpoint`` (our ``.safetensors``) and ``config`` (its JSON). ``predict`` takes
-
-        * images: uint8 (B, H, W, 3) RGB or (B, H, W) gray, any H, W (one size per batch) -> colorized uint8
-          (B, H, W, 3) RGB through `ddcolor.colorize.Colorizer` (param ``input_size``, default 512), or
-        * the network contract: float32 (B, 3, H, W) gray RGB in [0, 1] (H, W multiples of 32) -> ab
-          (B, 2, H, W) float32, exactly like ``DDColor.forward``.
-
-        The logged signature declares the image contract (uint8 (B, H, W, 3)), which ``PyFuncModel.predict`` and
-        ``mlflow models serve`` enforce; the other two inputs reach ``unwrap_python_model().predict(None, x)``.
-        """
-
-        # The model has a tensor signature; no type-hint based input validation (and no warning asking for hints).
-        _skip_type_hint_validation = True
-
-        def load_context(self, context: Any) -> None:
-            import torch
-
-            from ddcolor.model.checkpoint import load_checkpoint
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.device = torch.device(device)
-            self.model = load_checkpoint(context.artifacts["checkpoint"]).eval().to(self.device)
-            self._colorizers: dict[int, Any] = {}
-
-        def _colorizer(self, input_size: int) -> Any:
-            from ddcolor.colorize import Colorizer
-
-            colorizers = self.__dict__.setdefault("_colorizers", {})
-            if input_size not in colorizers:
-                colorizers[input_size] = Colorizer(
-                    self.model, input_size=input_size, device=str(self.device), batch_size=8
-                )
-            return colorizers[input_size]
-
-        def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate by them
-            import numpy as np
-            import torch
-
-            x = np.asarray(model_input)
-            if np.issubdtype(x.dtype, np.floating) and x.ndim in (3, 4) and x.shape[-3] == 3:
-                # the network contract: (B, 3, H, W) (or one (3, H, W)) gray RGB in [0, 1] -> ab
-                x = np.ascontiguousarray(x, dtype=np.float32)
-                if x.ndim == 3:
-                    x = x[None]
-                with torch.inference_mode():
-                    ab = self.model(torch.from_numpy(x).to(self.device))
-                return ab.float().cpu().numpy()
-            if x.ndim == 4 and x.shape[-1] == 1:
-                x = x[..., 0]
-            if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
-                raise ValueError(
-                    f"expected uint8 (B, H, W, 3) RGB or (B, H, W) gray images, or float32 (B, 3, H, W) gray RGB; "
-                    f"got {x.dtype} {x.shape}"
-                )
-            if x.dtype != np.uint8:
-                if np.issubdtype(x.dtype, np.floating) or x.min() < 0 or x.max() > 255:
-                    raise ValueError(f"images must be uint8 (0..255), got {x.dtype}")
-                x = x.astype(np.uint8)
-            input_size = int((params or {}).get("input_size", 512) or 512)
-            colored = self._colorizer(input_size).colorize_batch(list(x))
-            return np.stack(colored).astype(np.uint8, copy=False)
-
-    DDColorPyfunc.__module__ = __name__
-    DDColorPyfunc.__qualname__ = "DDColorPyfunc"
-    globals()["DDColorPyfunc"] = DDColorPyfunc  # importable by reference, so cloudpickle stores no code
-    return DDColorPyfunc
-
-
-def __getattr__(name: str) -> Any:
-    if name == "DDColorPyfunc":
-        return _make_pyfunc_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # --- MLflow tracker ----------------------------------------------------------------------------------------
 
 
@@ -477,8 +262,9 @@ class MlflowTracker:
         tracking_uri: MLflow server (``http(s)://...``) or store (``sqlite:///...``); None reads
             ``MLFLOW_TRACKING_URI`` via `ddcolor.config.EnvSettings` (default ``sqlite:///mlflow.db`` in the working
             directory).
-        experiment: experiment name (created when missing).
-        run_name: MLflow run name (None: MLflow picks one).
+        experiment: experiment name (created when missing; tagged ``mlflow.experimentKind``, see the module
+            docstring).
+        run_name: MLflow run name (None: MLflow picks one; `start_tracker` passes `default_run_name`).
         log_system_metrics: sample CPU/memory/disk/network (and GPU with pynvml) every 10 s as ``system/*`` metrics
             (needs psutil; without it a warning is logged once).
         timeout_s: health-check and per-request timeout, seconds.
@@ -507,10 +293,7 @@ class MlflowTracker:
         artifact_timeout_s: float = 600.0,
         run_id: str | None = None,
     ) -> None:
-        if tracking_uri is None:
-            from ddcolor.config import EnvSettings
-
-            tracking_uri = EnvSettings.from_env().mlflow_tracking_uri
+        tracking_uri = tracking_client.tracking_uri(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.timeout_s = float(timeout_s)
@@ -531,11 +314,11 @@ class MlflowTracker:
         self._lock = threading.RLock()
         self._monitor: Any = None
         self._system_metrics = log_system_metrics
-        self._http = _is_http(tracking_uri)
-        shown = _redact(tracking_uri)
+        self._http = is_http(tracking_uri)
+        shown = redact(tracking_uri)
 
         if self._http:
-            problem = _health_problem(tracking_uri, self.timeout_s)
+            problem = health_problem(tracking_uri, self.timeout_s)
             if problem:
                 raise TrackingError(
                     f"MLflow tracking server {shown} is unreachable: {problem}. Check that the server is running "
@@ -675,9 +458,11 @@ class MlflowTracker:
         Raises:
             FileNotFoundError: no such checkpoint.
         """
+        from ddcolor.tracking import pyfunc
+
         checkpoint = _resolve_checkpoint(Path(model_dir_or_checkpoint), name)
         with tempfile.TemporaryDirectory(prefix="ddcolor-model-") as tmp:
-            config = _checkpoint_config(checkpoint, Path(tmp))
+            config = pyfunc.checkpoint_config_file(checkpoint, Path(tmp))
 
             def send() -> str:
                 self._client.log_artifact(self._run_id, str(checkpoint), "checkpoint")
@@ -689,7 +474,7 @@ class MlflowTracker:
                     model_type="ddcolor-generator",
                     tags={"ddcolor.checkpoint": checkpoint.name},
                 )
-                with _use_tracking_uri(self.tracking_uri), warnings.catch_warnings():
+                with use_tracking_uri(self.tracking_uri), warnings.catch_warnings():
                     for text in _QUIET_MODEL_WARNINGS:
                         warnings.filterwarnings("ignore", message=text, category=UserWarning)
                     info = self._log_pyfunc(logged.model_id, checkpoint, config, name)
@@ -707,6 +492,7 @@ class MlflowTracker:
         from mlflow.models import Model
 
         import ddcolor
+        from ddcolor.tracking import pyfunc
 
         return Model.log(
             artifact_path=None,
@@ -715,9 +501,9 @@ class MlflowTracker:
             run_id=self._run_id,
             model_id=model_id,
             step=self._last_step,
-            python_model=_make_pyfunc_class()(),
+            python_model=pyfunc.DDColorPyfunc(),
             artifacts={"checkpoint": str(checkpoint), "config": str(config)},
-            signature=model_signature(),
+            signature=pyfunc.model_signature(),
             pip_requirements=[f"ddcolor=={ddcolor.__version__}"],
         )
 
@@ -752,7 +538,7 @@ class MlflowTracker:
             elif not self.reachable:
                 log.warning(
                     "tracking server %s unreachable; run %s left RUNNING there, not %s (%d logging calls dropped)",
-                    _redact(self.tracking_uri),
+                    redact(self.tracking_uri),
                     self._run_id,
                     status,
                     self.dropped_calls,
@@ -778,21 +564,24 @@ class MlflowTracker:
     # --- internals ---
 
     def _experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, created when missing, tagged `EXPERIMENT_KIND` unless already tagged."""
         from mlflow.exceptions import MlflowException
 
         experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self._client.create_experiment(name)
+                return self._client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:  # created concurrently by another process
                 experiment = self._client.get_experiment_by_name(name)
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(
-                f"MLflow experiment {name!r} on {_redact(self.tracking_uri)} is deleted; restore it "
+                f"MLflow experiment {name!r} on {redact(self.tracking_uri)} is deleted; restore it "
                 f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or use another name"
             )
+        if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):  # an experiment made before, or by another tool
+            self._client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def _tag_values(self, tags: Mapping[str, Any]) -> dict[str, str]:
@@ -837,7 +626,7 @@ class MlflowTracker:
                 with self._quick_http(timeout_s):
                     return send()
             except Exception as err:
-                problem = _health_problem(self.tracking_uri, min(self.timeout_s, 3.0)) if self._http else None
+                problem = health_problem(self.tracking_uri, min(self.timeout_s, 3.0)) if self._http else None
                 if problem:
                     self._mark_unreachable(problem)
                     self.dropped_calls += 1
@@ -853,7 +642,7 @@ class MlflowTracker:
             "tracking server unreachable; continuing without tracking (run %s marked in logs): %s: %s; "
             "checking again every %g s",
             self._run_id,
-            _redact(self.tracking_uri),
+            redact(self.tracking_uri),
             problem,
             self.reconnect_every_s,
         )
@@ -864,12 +653,12 @@ class MlflowTracker:
         if not force and now - self._last_attempt < self.reconnect_every_s:
             return False
         self._last_attempt = now
-        if _health_problem(self.tracking_uri, min(self.timeout_s, 3.0)):
+        if health_problem(self.tracking_uri, min(self.timeout_s, 3.0)):
             return False
         self.reachable = True
         log.warning(
             "tracking server %s reachable again; resuming run %s (%d logging calls dropped meanwhile)",
-            _redact(self.tracking_uri),
+            redact(self.tracking_uri),
             self._run_id,
             self.dropped_calls,
         )
@@ -920,6 +709,35 @@ class MlflowTracker:
             self.finish("KILLED")
 
 
+#: Tag holding the Prefect flow-run name (set by the ``train-ddcolor`` flow); a run carrying it is named after it.
+FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
+
+
+def default_run_name(config: Config, *, dataset_uri: str | None = None, tags: Mapping[str, Any] | None = None) -> str:
+    """What a run is, as its name: the Prefect flow-run name when `tags` carry one (``prefect.flow_run_name``),
+    else ``<preset>-<input_size>px-<steps>steps-<sha8>``, e.g. ``atto-256px-100steps-3f2a9c1e``.
+
+    Args:
+        config: gives ``model.preset``, the network input side during training ``data.size`` (px) and
+            ``train.max_steps``.
+        dataset_uri: the shard dataset (default ``data.shards_uri``); ``<sha8>`` is the first 8 hex digits of the
+            sha256 of its manifest. Left out (with its dash) when the manifest cannot be read.
+        tags: the run's tags.
+    """
+    flow_run = (tags or {}).get(FLOW_RUN_NAME_TAG)
+    if flow_run:
+        return str(flow_run)
+    name = f"{config.model.preset}-{config.data.size}px-{config.train.max_steps}steps"
+    try:
+        from ddcolor.data.version import dataset_version
+
+        sha = dataset_version(dataset_uri or config.data.shards_uri).manifest_sha256
+    except Exception as err:  # a name is not worth failing a run over; the log says why it is shorter
+        log.debug("run name without dataset hash (%s)", err)
+        return name
+    return f"{name}-{sha[:8]}"
+
+
 def start_tracker(
     config: Config,
     *,
@@ -929,18 +747,22 @@ def start_tracker(
     tags: Mapping[str, Any] | None = None,
     log_system_metrics: bool = True,
     run_id: str | None = None,
+    dataset_uri: str | None = None,
 ) -> Tracker:
     """The trainer's tracker: a `NullTracker` when not `enabled`, else an `MlflowTracker` run in
     ``config.registry.experiment_name`` with every parameter (``config.to_flat_dict()``) logged.
 
     With `run_id`, the tracker attaches to that existing run (its parameters are already logged; nothing is
-    re-logged), so e.g. evaluation metrics land on the training run the registry gates.
+    re-logged), so e.g. evaluation metrics land on the training run the registry gates. Without `run_name` a new
+    run is named by `default_run_name` (from `config`, `dataset_uri` and `tags`).
 
     Raises:
         TrackingError: tracking is enabled but the server/store cannot be used.
     """
     if not enabled:
         return NullTracker()
+    if run_name is None and run_id is None:
+        run_name = default_run_name(config, dataset_uri=dataset_uri, tags=tags)
     tracker = MlflowTracker(
         tracking_uri,
         experiment=config.registry.experiment_name,
