@@ -7,8 +7,30 @@ import logging
 from typing import Annotated, Literal
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="DDColor platform: colorize, train, evaluate.")
+EXIT_MISSING_EXTRA = 3  # an optional dependency is not installed (the message names the `pip install` to run)
+
+
+class _Group(TyperGroup):
+    """Turns a missing optional dependency anywhere in a command into its `pip install 'ddcolor[extra]'` hint."""
+
+    def invoke(self, ctx):
+        from ddcolor._optional import missing_extra
+
+        try:
+            return super().invoke(ctx)
+        except ImportError as exc:
+            hint = missing_extra(exc)
+            if hint is None:
+                raise
+            typer.echo(f"Error: {hint}", err=True)
+            raise typer.Exit(EXIT_MISSING_EXTRA) from None
+
+
+app = typer.Typer(
+    cls=_Group, no_args_is_help=True, add_completion=False, help="DDColor platform: colorize, train, evaluate."
+)
 
 # --- weights -------------------------------------------------------------------------------------------
 weights_app = typer.Typer(no_args_is_help=True, help="Inspect and fill the local weights cache.")
@@ -107,7 +129,11 @@ def colorize_command(
         "bilinear", "--ab-upsample", help="How ab returns to full size; nearest reproduces the official pipeline."
     ),
     device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option("auto", "--device", help="Where the network runs."),
-    precision: Literal["fp32", "bf16", "fp16"] = typer.Option("fp32", "--precision", help="Network precision."),
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
+        "auto",
+        "--precision",
+        help="Network precision: auto = bf16 on a GPU/CPU with native bf16 (AMX, AVX-512-BF16, sm80+), else fp32.",
+    ),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
     fmt: str | None = typer.Option(None, "--format", help="Output format png|jpg|webp|tif|bmp; default: the input's."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (inputs are never replaced)."),
@@ -210,6 +236,9 @@ def _load_flow():
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    from ddcolor._optional import require
+
+    require("prefect", "mlops", "the train-ddcolor flow")
     from flows.train_ddcolor import train_ddcolor
 
     return train_ddcolor
@@ -323,8 +352,11 @@ def demo_command(
     device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option(
         "auto", "--device", help="(--colorize-only) Where the network runs."
     ),
-    precision: Literal["fp32", "bf16", "fp16"] = typer.Option(
-        "fp32", "--precision", help="(--colorize-only) Network precision."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
+        "auto",
+        "--precision",
+        help="Training (train.amp; fp32 = none) and colorization precision: auto = bf16 on a GPU/CPU with native bf16 "
+        "(AMX, AVX-512-BF16, sm80+), else fp32.",
     ),
     random_init: bool = typer.Option(
         False, "--random-init", help="(--colorize-only) Force a random-init atto model (smoke test)."
@@ -429,6 +461,9 @@ def export_onnx_command(
     opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset (>= 17)."),
 ) -> None:
     """Export the fp32 inference network to ONNX: gray_rgb (B,3,H,W) -> ab (B,2,H,W), dynamic B/H/W (x32)."""
+    from ddcolor._optional import require
+
+    require("onnx", "onnx", "ONNX export")  # before torch and the model load: fail fast with the install hint
     from ddcolor import weights
     from ddcolor.export import export_onnx
     from ddcolor.model import CheckpointError, build_model
@@ -463,7 +498,8 @@ def validate_command(
         "--config",
         "-c",
         help="params.yaml whose data section (size, resize_mode, val_fraction, min_colorfulness) the dataset must "
-        "match. Default: no such check; the manifest's own config is the expectation.",
+        "match, and whose validate section gives the tolerances. Default: no data check (the manifest's own config "
+        "is the expectation); tolerances from ./params.yaml if present, else built-in defaults.",
     ),
     report: bool = typer.Option(
         True, "--report/--no-report", help="Write validation_report.md and validation.json next to the data."
@@ -472,47 +508,55 @@ def validate_command(
         None, "--report-dir", help="Write the reports to this folder or s3:// prefix instead of next to the data."
     ),
     split_tolerance: float | None = typer.Option(
-        None, "--split-tolerance", min=0.0, help="Allowed |val share - val_fraction| beyond sampling noise."
+        None,
+        "--split-tolerance",
+        min=0.0,
+        help="Allowed |val share - val_fraction| beyond sampling noise (overrides validate.split_abs).",
     ),
     max_low_share: float | None = typer.Option(
-        None, "--max-low-share", min=0.0, max=1.0, help="Largest allowed share of low-colorfulness rows."
+        None,
+        "--max-low-share",
+        min=0.0,
+        max=1.0,
+        help="Largest allowed share of low-colorfulness rows (overrides validate.max_low_colorfulness_share).",
     ),
     drift_tol: Annotated[
         list[str] | None,
         typer.Option(
-            "--drift-tol", metavar="COLUMN=VALUE", help="Absolute drift tolerance, e.g. L_mean=3 (repeatable)."
+            "--drift-tol",
+            metavar="COLUMN=VALUE",
+            help="Absolute drift tolerance, e.g. L_mean=3 (repeatable; overrides validate.drift_abs.COLUMN).",
         ),
     ] = None,
 ) -> None:
-    """Validate a shard dataset (manifest, checksums, Great Expectations suite, drift); exit 1 on failure."""
-    from ddcolor.data.validate import DRIFT_COLUMNS, Tolerances, validate_dataset
+    """Validate a shard dataset (manifest, checksums, Great Expectations suite, drift); exit 1 on failure.
 
-    changes: dict = {}
+    Tolerances: the validate section of the config, then the flags above (exit 2 on a bad value, naming the key)."""
+    from pathlib import Path
+
+    from ddcolor.config import ConfigError, load_config
+    from ddcolor.data.validate import Tolerances, validate_dataset
+
+    overrides: dict = {}
     if split_tolerance is not None:
-        changes["split_abs"] = split_tolerance
+        overrides["validate.split_abs"] = split_tolerance
     if max_low_share is not None:
-        changes["max_low_colorfulness_share"] = max_low_share
-    drift: dict[str, float] = {}
-    for item in drift_tol or []:
-        column, _, value = item.partition("=")
-        try:
-            if column not in DRIFT_COLUMNS:
-                raise ValueError(f"column must be one of {', '.join(DRIFT_COLUMNS)}")
-            drift[column] = float(value)
-        except ValueError as err:
-            raise typer.BadParameter(f"{item!r}: {err}", param_hint="--drift-tol") from None
-    if drift:
-        changes["drift_abs"] = drift
-    expected = None
-    if config is not None:
-        from ddcolor.config import ConfigError, load_config
-
-        try:
-            expected = load_config(config).data
-        except ConfigError as err:
-            typer.echo(f"Error: {err}", err=True)
-            raise typer.Exit(2) from None
-    result = validate_dataset(uri, reference=reference, expected=expected, tolerances=Tolerances().replace(**changes))
+        overrides["validate.max_low_colorfulness_share"] = max_low_share
+    drift = dict(item.partition("=")[::2] for item in drift_tol or [])
+    path = config if config is not None else ("params.yaml" if Path("params.yaml").is_file() else None)
+    try:
+        cfg = load_config(path)
+        if drift:  # merged onto the file's columns (a dotted key cannot reach into a mapping)
+            overrides["validate.drift_abs"] = {**cfg.validate.drift_abs, **drift}
+        cfg = cfg.with_overrides(overrides)
+    except ConfigError as err:
+        flags = " (--split-tolerance, --max-low-share, --drift-tol set these validate.* keys)" if overrides else ""
+        typer.echo(f"Error: {err}{flags}", err=True)
+        raise typer.Exit(2) from None
+    expected = cfg.data if config is not None else None
+    result = validate_dataset(
+        uri, reference=reference, expected=expected, tolerances=Tolerances.from_config(cfg.validate)
+    )
     typer.echo(result.summary())
     if report:
         from ddcolor.data.validate import write_reports
@@ -738,7 +782,7 @@ def finetune_command(
     import torch
 
     from ddcolor.data.ingest import IngestError, ingest
-    from ddcolor.data.validate import validate_dataset, write_reports
+    from ddcolor.data.validate import Tolerances, validate_dataset, write_reports
     from ddcolor.storage import StorageError, join
 
     hardware = FINETUNE_DEFAULTS_GPU if torch.cuda.is_available() else FINETUNE_DEFAULTS_CPU
@@ -750,7 +794,7 @@ def finetune_command(
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(report.summary())
-    result = validate_dataset(dataset, expected=cfg.data)
+    result = validate_dataset(dataset, expected=cfg.data, tolerances=Tolerances.from_config(cfg.validate))
     typer.echo(result.summary())
     if not result.success:
         for written in write_reports(result):
@@ -796,6 +840,12 @@ def evaluate_command(
     ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
+        "auto",
+        "--precision",
+        help="Network precision: auto = bf16 on a GPU/CPU with native bf16 (AMX, AVX-512-BF16, sm80+), else "
+        "fp32. Metric networks: fp32.",
+    ),
 ) -> None:
     """Evaluate a model on a dataset's val split: FID, colorfulness, ΔCF, PSNR, LPIPS -> metrics.json + report.md."""
     import torch
@@ -840,6 +890,7 @@ def evaluate_command(
             tracker=tracker,
             out_dir=out,
             progress=progress,
+            precision=precision,
         )
         status = "FINISHED"
     except weights.WeightsError as err:
@@ -897,6 +948,9 @@ def gate_command(
     import json
     from pathlib import Path
 
+    from ddcolor._optional import require
+
+    require("mlflow", "mlops", "the model registry")
     from mlflow.exceptions import MlflowException
 
     from ddcolor.registry import RegistryError, gate_run
@@ -957,6 +1011,9 @@ def promote_command(
     ),
 ) -> None:
     """Register a run's model (alias challenger), gate its val/* metrics, move the champion alias if it passed."""
+    from ddcolor._optional import require
+
+    require("mlflow", "mlops", "the model registry")
     from mlflow.exceptions import MlflowException
 
     from ddcolor.registry import RegistryError, gate_run, promote, register, rollback
@@ -1049,7 +1106,11 @@ def ui_command(
     ),
     input_size: int = typer.Option(512, "--input-size", help="Preselected network resolution, px (multiple of 32)."),
     device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option("auto", "--device", help="Where the networks run."),
-    precision: Literal["fp32", "bf16", "fp16"] = typer.Option("fp32", "--precision", help="Network precision."),
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
+        "auto",
+        "--precision",
+        help="Network precision: auto = bf16 on a GPU/CPU with native bf16 (AMX, AVX-512-BF16, sm80+), else fp32.",
+    ),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest accepted file, MB."),
     max_files: int = typer.Option(16, "--max-files", min=1, help="Most files per request."),
     cache_size: int = typer.Option(3, "--cache-size", min=1, help="Loaded (model, input size) pairs kept in memory."),
@@ -1060,8 +1121,10 @@ def ui_command(
     ),
 ) -> None:
     """Start the web playground: colorize uploads with any registered version, release or checkpoint; compare them."""
-    import uvicorn
+    from ddcolor._optional import require
 
+    uvicorn = require("uvicorn", "ui", "the playground")
+    require("fastapi", "ui", "the playground")
     from ddcolor.ui import UiSettings, create_app
     from ddcolor.ui.app import MB
 
@@ -1101,8 +1164,21 @@ def ui_command(
     uvicorn.run(web, host=host, port=port, log_level="info")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from ddcolor import __version__
+
+        typer.echo(f"ddcolor {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

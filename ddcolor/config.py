@@ -1,7 +1,7 @@
 """One typed configuration for the whole platform.
 
-`params.yaml` (sections ``data``, ``model``, ``train``, ``eval``, ``gates``, ``registry``) is loaded into the
-frozen pydantic models below; the CLI, the Prefect flows and DVC all read the same file. The field defaults
+`params.yaml` (sections ``data``, ``validate``, ``model``, ``train``, ``eval``, ``gates``, ``registry``) is loaded
+into the frozen pydantic models below; the CLI, the Prefect flows and DVC all read the same file. The field defaults
 here are the single source of truth and follow the official DDColor recipe
 (https://github.com/piddnad/DDColor, ``options/train/train_ddcolor.yml``).
 
@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -56,6 +57,7 @@ __all__ = [
     "ModelConfig",
     "RegistryConfig",
     "TrainConfig",
+    "ValidateConfig",
     "load_config",
 ]
 
@@ -169,6 +171,66 @@ class ModelConfig(_Section):
         return value
 
 
+#: Per-image columns whose quantiles the drift checks compare (``ddcolor.data.validate.DRIFT_COLUMNS``).
+DriftColumn = Literal["L_mean", "L_std", "a_mean", "b_mean", "colorfulness"]
+
+
+class ValidateConfig(_Section):
+    """Tolerances of the dataset validation (`ddcolor validate`, the pipeline's validate step); the single source of
+    truth for ``ddcolor.data.validate.Tolerances``. Part of the pipeline fingerprint."""
+
+    split_abs: float = Field(
+        0.02, ge=0.0, le=1.0, description="Allowed |val share − data.val_fraction| on top of the sampling allowance."
+    )
+    split_sigmas: float = Field(
+        4.0,
+        ge=0.0,
+        description="Binomial standard deviations sqrt(f (1 − f) / n) added to split_abs (small datasets deviate).",
+    )
+    max_low_colorfulness_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="Largest allowed share of rows flagged low_colorfulness (near-gray photos)."
+    )
+    ab_range: dict[Literal["a", "b"], tuple[float, float]] = Field(
+        default_factory=lambda: {"a": (-87.0, 99.0), "b": (-109.0, 95.0)},
+        description="Allowed per-pixel a* and b* range, Lab units ([lo, hi] each). The sRGB gamut (D65) spans "
+        "a in [-86.2, 98.2], b in [-107.9, 94.5]; one unit of slack for rounding.",
+    )
+    colorfulness_eps: float = Field(
+        1e-3, ge=0.0, description="Rows this close to data.min_colorfulness may carry either flag (float32 rounding)."
+    )
+    drift_quantiles: tuple[float, ...] = Field(
+        (0.1, 0.5, 0.9), min_length=1, description="Quantiles compared against the reference dataset, each in [0, 1]."
+    )
+    drift_abs: dict[DriftColumn, float] = Field(
+        default_factory=lambda: {"L_mean": 5.0, "L_std": 4.0, "a_mean": 3.0, "b_mean": 4.0, "colorfulness": 8.0},
+        description="Absolute drift tolerance per column around the reference quantile, in the column's units "
+        "(L*, a*, b*, colorfulness); columns left out keep their default.",
+    )
+
+    @field_validator("ab_range")
+    @classmethod
+    def _check_ab_range(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for channel, (lo, hi) in value.items():
+            if lo >= hi:
+                raise ValueError(f"{channel}: low end must be below high end")
+        return {"a": (-87.0, 99.0), "b": (-109.0, 95.0), **value}
+
+    @field_validator("drift_quantiles")
+    @classmethod
+    def _check_quantiles(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not all(0.0 <= q <= 1.0 for q in value):
+            raise ValueError("each quantile must be in [0, 1]")
+        return value
+
+    @field_validator("drift_abs")
+    @classmethod
+    def _check_drift(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(v < 0 for v in value.values()):
+            raise ValueError("tolerances must be >= 0")
+        defaults = {"L_mean": 5.0, "L_std": 4.0, "a_mean": 3.0, "b_mean": 4.0, "colorfulness": 8.0}
+        return {**defaults, **value}
+
+
 class TrainConfig(_Section):
     """GAN training: AdamW generator, Adam discriminator, multi-step LR decay, DDColor's four losses."""
 
@@ -203,12 +265,22 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(
         None, gt=0.0, lt=1.0, description="Keep an EMA of generator weights with this decay; null = off."
     )
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision: none (fp32), bf16 or fp16.")
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision: auto (bf16 where the GPU/CPU has native bf16, else fp32; see ddcolor.precision), "
+        "none (fp32), bf16 or fp16.",
+    )
     channels_last: bool = Field(False, description="Use channels-last memory format (faster convs on GPUs).")
     compile: bool = Field(False, description="torch.compile the generator.")
     seed: int = Field(0, ge=0, description="Seed for weights init and training randomness.")
     checkpoint_every: int = Field(10_000, ge=1, description="Save a checkpoint every this many steps.")
     checkpoint_dir: str = Field("checkpoints", min_length=1, description="Folder for training checkpoints.")
+    keep_last: int | None = Field(
+        3,
+        ge=2,
+        description="Training checkpoints kept (newest); at least 2, so that a damaged newest one has an intact "
+        "fallback for --resume; null = keep all.",
+    )
     log_every: int = Field(100, ge=1, description="Log losses every this many steps.")
     device: str = Field("auto", description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'mps', 'cuda' or 'cuda:N'.")
 
@@ -334,10 +406,15 @@ class RegistryConfig(_Section):
 # --- root ----------------------------------------------------------------------------------------------
 
 
+warnings.filterwarnings("ignore", message='Field name "validate" in "Config" shadows', category=UserWarning)
+
+
 class Config(_Section):
     """The whole configuration: one field per `params.yaml` section."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="Raw images and Parquet shards.")
+    # shadows the deprecated classmethod BaseModel.validate (pydantic v1 API, unused here): the section is `validate`
+    validate: ValidateConfig = Field(default_factory=ValidateConfig, description="Dataset validation tolerances.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="DDColor architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Offline evaluation.")
@@ -345,11 +422,11 @@ class Config(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow names.")
 
     def to_flat_dict(self) -> dict[str, Scalar]:
-        """Flatten to ``{"section.key": value}`` (for MLflow params). Lists become JSON strings."""
+        """Flatten to ``{"section.key": value}`` (for MLflow params). Lists and mappings become JSON strings."""
         flat: dict[str, Scalar] = {}
         for section, values in self.model_dump(mode="json").items():
             for key, value in values.items():
-                flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list) else value
+                flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list | dict) else value
         return flat
 
     def to_yaml(self) -> str:

@@ -11,11 +11,12 @@ Usage::
 
 Skipping. A model is determined by its data and its recipe, so each trained model carries a *fingerprint*: the
 sha256 of the dataset version (the sha256 of the shard manifest, which lists every shard's sha256) and of the
-config sections ``data``, ``model``, ``train``, ``eval`` (canonical JSON, minus `FINGERPRINT_IGNORED`: locations
-and logging knobs that do not change the model). The registered version is tagged ``pipeline.fingerprint`` (plus
-``pipeline.dataset_sha256`` and ``pipeline.config_sha256``, so a person can see which half changed). When the
-champion's fingerprint equals the new one, training is skipped unless forced: a scheduled run on unchanged data
-costs an ingest (incremental: new raw images do change the dataset version) and a validation, not a training.
+config sections ``data``, ``validate``, ``model``, ``train``, ``eval`` (canonical JSON, minus
+`FINGERPRINT_IGNORED`: locations and logging knobs that do not change the model). The registered version is tagged
+``pipeline.fingerprint`` (plus ``pipeline.dataset_sha256`` and ``pipeline.config_sha256``, so a person can see which
+half changed). When the champion's fingerprint equals the new one, training is skipped unless forced: a scheduled
+run on unchanged data costs an ingest (incremental: new raw images do change the dataset version) and a validation,
+not a training.
 
 Failures. A failed validation raises `ValidationFailed` (nothing is trained or registered; the report is written
 first). A failed gate is not an error: the version is registered (alias ``challenger``, with its ``blessing`` tag
@@ -79,8 +80,9 @@ log = logging.getLogger(__name__)
 
 Status = Literal["promoted", "not_promoted", "skipped", "validation_failed"]
 
-#: Config sections that determine the trained model (``gates`` and ``registry`` decide what happens to it).
-FINGERPRINT_SECTIONS = ("data", "model", "train", "eval")
+#: Config sections that determine the trained model (``gates`` and ``registry`` decide what happens to it);
+#: ``validate`` decides which data may be trained on at all.
+FINGERPRINT_SECTIONS = ("data", "validate", "model", "train", "eval")
 #: Keys of those sections that do not change the model: where things are, how often to log, how many loader workers.
 FINGERPRINT_IGNORED = frozenset(
     {
@@ -89,6 +91,7 @@ FINGERPRINT_IGNORED = frozenset(
         "data.num_workers",
         "train.checkpoint_dir",
         "train.checkpoint_every",
+        "train.keep_last",
         "train.log_every",
     }
 )
@@ -203,16 +206,16 @@ def ingest_step(
 
 
 def validate_step(config: Config, dataset_uri: str | None = None, *, report_dir: str | None = None) -> ValidationResult:
-    """Validate the dataset against ``config.data``; always write the reports (to `report_dir`, default next to the
-    data).
+    """Validate the dataset against ``config.data`` with the tolerances of ``config.validate``; always write the
+    reports (to `report_dir`, default next to the data).
 
     Raises:
         ValidationFailed: a check failed (its message names the report).
     """
-    from ddcolor.data.validate import REPORT_MARKDOWN, validate_dataset, write_reports
+    from ddcolor.data.validate import REPORT_MARKDOWN, Tolerances, validate_dataset, write_reports
 
     uri = dataset_uri or config.data.shards_uri
-    result = validate_dataset(uri, expected=config.data)
+    result = validate_dataset(uri, expected=config.data, tolerances=Tolerances.from_config(config.validate))
     try:
         written = write_reports(result, report_dir)
     except OSError as err:  # a report we cannot write must not hide the verdict
@@ -246,7 +249,7 @@ def train_step(
     from ddcolor.train import train
 
     uri = _tracking_uri(tracking_uri)
-    tracker = start_tracker(config, run_name=run_name, tracking_uri=uri, tags=tags)
+    tracker = start_tracker(config, run_name=run_name, tracking_uri=uri, tags=tags, dataset_uri=dataset_uri)
     status = "FAILED"
     try:
         result = train(config, dataset_uri, out_dir=out_dir, init=init, tracker=tracker, progress=progress)

@@ -328,3 +328,18 @@ def test_env_example_documents_every_variable():
         assert name in text, name
     aliases = {field.alias for field in EnvSettings.model_fields.values()}
     assert aliases == set(ENV_VARS)
+
+
+def test_validate_section_carries_the_tolerances_and_names_bad_keys():
+    cfg = load_config(None, {"validate.max_low_colorfulness_share": 0.35, "validate.drift_abs": {"L_mean": 2.0}})
+    assert cfg.validate.max_low_colorfulness_share == 0.35
+    assert cfg.validate.drift_abs["L_mean"] == 2.0 and cfg.validate.drift_abs["colorfulness"] == 8.0  # merged
+    assert cfg.to_flat_dict()["validate.ab_range"] == '{"a": [-87.0, 99.0], "b": [-109.0, 95.0]}'
+    for override, key in (
+        ("validate.split_abs=-1", "validate.split_abs"),
+        ("validate.drift_abs={L_avg: 1}", "validate.drift_abs.L_avg"),
+        ("validate.ab_range={a: [9, 1]}", "validate.ab_range"),
+        ("validate.drift_quantiles=[0.5, 2]", "validate.drift_quantiles"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [override])

@@ -390,7 +390,36 @@ def test_cli_exit_codes(rows, tmp_path):
     stale = runner.invoke(app, ["validate", str(good), "--config", str(tmp_path / "params.yaml"), "--no-report"])
     assert stale.exit_code == 1 and "manifest.config.matches" in stale.output
     usage = runner.invoke(app, ["validate", str(good), "--drift-tol", "L_avg=3"])
-    assert usage.exit_code == 2 and "--drift-tol" in usage.output
+    assert usage.exit_code == 2 and "--drift-tol" in usage.output and "validate.drift_abs" in usage.output
+
+
+def test_tolerances_come_from_the_validate_section_and_flags_override_it(tmp_path, monkeypatch):
+    """A collection that is one third black-and-white fails the default low-colorfulness share (0.2); the validate
+    section of params.yaml (or --max-low-share) lets it through without editing code; a bad value names the key."""
+    from typer.testing import CliRunner
+
+    from ddcolor.cli import app
+    from ddcolor.config import ValidateConfig, load_config
+
+    assert Tolerances() == Tolerances.from_config(ValidateConfig())  # one source of defaults
+    rng = np.random.default_rng(3)
+    data = _write(tmp_path / "bw", [_row(_rgb(rng, gray=i % 3 == 0)) for i in range(30)])
+    monkeypatch.chdir(tmp_path)  # no ./params.yaml: built-in defaults
+    runner = CliRunner()
+    strict = runner.invoke(app, ["validate", str(data), "--no-report"])
+    assert strict.exit_code == 1 and "FAIL gx.low_colorfulness.share" in strict.output, strict.output
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"data:\n  size: {SIZE}\n  val_fraction: {VAL_FRACTION}\nvalidate:\n  max_low_colorfulness_share: 0.4\n"
+    )
+    lenient = runner.invoke(app, ["validate", str(data), "--no-report"])  # ./params.yaml now exists
+    assert lenient.exit_code == 0, lenient.output
+    assert load_config(params).validate.max_low_colorfulness_share == 0.4
+    flag = runner.invoke(app, ["validate", str(data), "--no-report", "--config", str(params), "--max-low-share", "0.1"])
+    assert flag.exit_code == 1 and "FAIL gx.low_colorfulness.share" in flag.output
+    params.write_text("validate:\n  max_low_colorfulness_share: 1.5\n")
+    bad = runner.invoke(app, ["validate", str(data), "--no-report"])
+    assert bad.exit_code == 2 and "validate.max_low_colorfulness_share" in bad.output
 
 
 # --- integration: what ingest writes validates, on local disk and on S3 ---------------------------------------

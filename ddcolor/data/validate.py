@@ -25,7 +25,8 @@ A dataset at ``URI`` (local folder or ``s3://``) is ``manifest.json`` plus the s
 
 Expected size / val_fraction / min_colorfulness come from the manifest's ``config``; pass ``expected`` (e.g.
 ``load_config().data``) to also require that the manifest was built with the current parameters.
-Tolerances are :class:`Tolerances` (defaults below are the single source of truth).
+Tolerances are :class:`Tolerances`, built from the ``validate:`` section of params.yaml
+(`Tolerances.from_config`; `ddcolor.config.ValidateConfig` holds the defaults).
 
 Reports: :func:`write_reports` saves ``validation_report.md`` (human) and ``validation.json`` (machine) next
 to the data. Great Expectations is imported lazily (several seconds) with analytics off.
@@ -53,7 +54,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ddcolor import storage
-from ddcolor.data.shards import SHARD_SCHEMA, SPLITS, decode_lab, split_for
+from ddcolor.config import ValidateConfig
+from ddcolor.data.manifest import FORMAT as MANIFEST_FORMAT
+from ddcolor.data.manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
+from ddcolor.data.manifest import MANIFEST_NAME, format_problem, orphan_shards, schema_problems, shards_problem
+from ddcolor.data.shards import SPLITS, decode_lab, split_for
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,9 +85,6 @@ __all__ = [
     "write_reports",
 ]
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "ddcolor-shards"
-MANIFEST_FORMAT_VERSION = 1
 REPORT_MARKDOWN = "validation_report.md"
 REPORT_JSON = "validation.json"
 
@@ -106,24 +108,20 @@ STAT_COLUMNS = (
 #: Per-image columns whose quantiles are compared against a reference dataset.
 DRIFT_COLUMNS = ("L_mean", "L_std", "a_mean", "b_mean", "colorfulness")
 
-# --- defaults: the one place tolerances are defined ---------------------------------------------------------
+# --- defaults: `validate:` in params.yaml (ddcolor.config.ValidateConfig) is the one place they are defined ---------
+_DEFAULTS = ValidateConfig()
 #: a*/b* extremes of the sRGB gamut (D65) are a in [-86.2, 98.2], b in [-107.9, 94.5]; stored values are
 #: rounded to whole units, so 1 unit of slack. Anything outside cannot come from an 8-bit sRGB photo.
-DEFAULT_AB_RANGE: Mapping[str, tuple[float, float]] = {"a": (-87.0, 99.0), "b": (-109.0, 95.0)}
-DEFAULT_DRIFT_QUANTILES = (0.1, 0.5, 0.9)
+DEFAULT_AB_RANGE: Mapping[str, tuple[float, float]] = dict(_DEFAULTS.ab_range)
+DEFAULT_DRIFT_QUANTILES = tuple(_DEFAULTS.drift_quantiles)
 #: Absolute tolerance per drift column, in its own units (L*, a*, b*, Hasler-Suesstrunk colorfulness).
-DEFAULT_DRIFT_TOLERANCES: Mapping[str, float] = {
-    "L_mean": 5.0,
-    "L_std": 4.0,
-    "a_mean": 3.0,
-    "b_mean": 4.0,
-    "colorfulness": 8.0,
-}
+DEFAULT_DRIFT_TOLERANCES: Mapping[str, float] = dict(_DEFAULTS.drift_abs)
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """How far a dataset may deviate before a check fails. Defaults are the platform defaults.
+    """How far a dataset may deviate before a check fails. Defaults are those of ``validate:`` in params.yaml
+    (`ddcolor.config.ValidateConfig`); build from a config with `Tolerances.from_config(cfg.validate)`.
 
     Attributes:
         split_abs: Allowed |val share - val_fraction| on top of the sampling allowance below.
@@ -137,13 +135,26 @@ class Tolerances:
         drift_abs: Absolute tolerance per drift column around the reference quantile.
     """
 
-    split_abs: float = 0.02
-    split_sigmas: float = 4.0
-    max_low_colorfulness_share: float = 0.2
+    split_abs: float = _DEFAULTS.split_abs
+    split_sigmas: float = _DEFAULTS.split_sigmas
+    max_low_colorfulness_share: float = _DEFAULTS.max_low_colorfulness_share
     ab_range: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_AB_RANGE))
-    colorfulness_eps: float = 1e-3
+    colorfulness_eps: float = _DEFAULTS.colorfulness_eps
     drift_quantiles: tuple[float, ...] = DEFAULT_DRIFT_QUANTILES
     drift_abs: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_DRIFT_TOLERANCES))
+
+    @classmethod
+    def from_config(cls, config: ValidateConfig) -> Tolerances:
+        """The tolerances of a ``validate:`` config section."""
+        return cls(
+            split_abs=config.split_abs,
+            split_sigmas=config.split_sigmas,
+            max_low_colorfulness_share=config.max_low_colorfulness_share,
+            ab_range={k: tuple(v) for k, v in config.ab_range.items()},
+            colorfulness_eps=config.colorfulness_eps,
+            drift_quantiles=tuple(config.drift_quantiles),
+            drift_abs=dict(config.drift_abs),
+        )
 
     def replace(self, **changes: Any) -> Tolerances:
         """A copy with some fields changed; ``drift_abs`` entries are merged into the defaults."""
@@ -287,20 +298,6 @@ def _profile_keys(result: ValidationResult) -> list[str]:
 
 
 # --- storage (local paths and s3://) -----------------------------------------------------------------------
-def _list_shard_files(uri: str) -> list[str] | None:
-    """Paths relative to ``uri`` (``shards/...parquet``) of the Parquet files under ``URI/shards``; None if unknown."""
-    base = storage.join(uri, "shards")
-    try:
-        found = storage.list_files(base, suffixes=[".parquet"])
-    except storage.StorageNotFoundError:
-        return []
-    except storage.StorageError:
-        return None
-    return sorted(
-        "shards/" + name[len(base) :].replace("\\", "/").lstrip("/") for name in found if name.startswith(base)
-    )
-
-
 # --- per-image stats ---------------------------------------------------------------------------------------
 _INDEX_COLUMNS = ("source", "row", "sha256", "split", "height", "width", "colorfulness", "low_colorfulness")
 
@@ -371,20 +368,6 @@ class _Loaded:
     shards: int
 
 
-def _schema_diff(schema: pa.Schema) -> list[str]:
-    problems = []
-    have = {f.name: f.type for f in schema}
-    for f in SHARD_SCHEMA:
-        if f.name not in have:
-            problems.append(f"missing column {f.name!r} ({f.type})")
-        elif not have[f.name].equals(f.type):
-            problems.append(f"column {f.name!r} is {have[f.name]}, expected {f.type}")
-    extra = [name for name in have if SHARD_SCHEMA.get_field_index(name) < 0]
-    if extra:
-        problems.append(f"unexpected columns {extra}")
-    return problems
-
-
 def _per_shard_check(name: str, bad: Mapping[str, Any], total: int, expected: str) -> Check:
     """One check summarising a property over all shards; the failing shards are named."""
     if not bad:
@@ -415,13 +398,13 @@ def _load_manifest(uri: str, checks: list[Check]) -> dict[str, Any] | None:
     checks.append(
         Check(
             "manifest.format",
-            fmt == (MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION),
+            format_problem(manifest) is None,
             observed=list(fmt),
             expected=[MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION],
         )
     )
     shards = manifest.get("shards")
-    ok = isinstance(shards, list) and all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards)
+    ok = shards_problem(manifest) is None
     checks.append(
         Check(
             "manifest.shards",
@@ -505,7 +488,7 @@ def _load(uri: str, *, check_files: bool = True) -> _Loaded:
         except Exception as err:
             bad["parquet"][path] = f"{type(err).__name__}: {err}"
             continue
-        problems = _schema_diff(table.schema)
+        problems = schema_problems(table.schema)
         if problems:
             bad["schema"][path] = "; ".join(problems)
             continue
@@ -546,9 +529,11 @@ def _load(uri: str, *, check_files: bool = True) -> _Loaded:
         checks.append(_per_shard_check(f"shard.{key}", bad[key], n, expected))
 
     if check_files:
-        listed = _list_shard_files(uri)
-        if listed is not None:
-            unlisted = sorted(set(listed) - {e["path"] for e in entries})
+        try:
+            unlisted: list[str] | None = orphan_shards(uri, {"shards": entries})
+        except storage.StorageError:
+            unlisted = None  # cannot list: no verdict either way
+        if unlisted is not None:
             checks.append(
                 Check(
                     "shard.unlisted_files",
