@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -q torch==2.14.1 torchvision==0.29.1
-	$(PIP_INSTALL) -q -e ".[dev]"
+	$(PIP_INSTALL) -q -e ".[all,dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddcolor._optional import require
 from ddcolor.model.ddcolor import INPUT_MULTIPLE, DDColor, check_gray_rgb_shape
 from ddcolor.model.inference import InferenceDDColor, prepare_for_inference
 
@@ -75,6 +76,7 @@ def export_onnx(
     Raises:
         ValueError: opset < 17, or a sample size that is not a multiple of 32.
     """
+    require("onnx", "onnx", "ONNX export")  # torch.onnx imports it mid-export; fail first with the install hint
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     height, width = sample_size
@@ -103,8 +105,7 @@ def export_onnx(
                 dynamo=False,
             )
         if check:
-            import onnx
-
+            onnx = require("onnx", "onnx", "ONNX export")
             onnx.checker.check_model(str(tmp))
         os.replace(tmp, path)
     finally:
@@ -114,7 +115,7 @@ def export_onnx(
 
 
 def _default_providers() -> list[str]:
-    import onnxruntime as ort
+    ort = require("onnxruntime", "onnx", "the onnx engine")
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -141,8 +142,7 @@ class OnnxColorModel:
         *,
         intra_op_threads: int | None = None,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "onnx", "the onnx engine")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {path}")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddcolor._optional import require
 from ddcolor.color import colorfulness
 
 __all__ = [
@@ -180,7 +181,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def _fid_inception_v3_factory(state_dict: dict[str, torch.Tensor] | None):
     """A stand-in for ``pytorch_fid.inception.fid_inception_v3`` that loads `state_dict` instead of downloading."""
-    from pytorch_fid import inception as pfi
+    pfi = require("pytorch_fid.inception", "train", "FID")
 
     def build() -> nn.Module:
         net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
@@ -242,7 +243,7 @@ def build_fid_inception(pretrained: str | None = "cache", *, dims: int = FID_DIM
     Raises:
         ddcolor.weights.WeightsNotFoundError: the cache lacks the file (the message names the fetch command).
     """
-    from pytorch_fid import inception as pfi
+    pfi = require("pytorch_fid.inception", "train", "FID")
 
     if dims not in pfi.InceptionV3.BLOCK_INDEX_BY_DIM:
         raise ValueError(f"dims must be one of {sorted(pfi.InceptionV3.BLOCK_INDEX_BY_DIM)}, got {dims}")
@@ -285,7 +286,7 @@ def build_lpips(pretrained: str | None = "cache", *, seed: int = 0) -> nn.Module
     Raises:
         ddcolor.weights.WeightsNotFoundError: the cache lacks ``alexnet``.
     """
-    import lpips
+    lpips = require("lpips", "train", "LPIPS")
 
     state = _cached_state_dict("alexnet", pretrained, what="LPIPS AlexNet trunk")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

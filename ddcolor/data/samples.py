@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ddcolor import storage
+from ddcolor._optional import require
 
 __all__ = [
     "DEFAULT_COUNT",
@@ -91,9 +92,8 @@ class SampleImage:
 
 
 def _load_photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    arr = getattr(skimage.data, name)()
+    skimage_data = require("skimage.data", "train", "the built-in sample photos")
+    arr = getattr(skimage_data, name)()
     if isinstance(arr, tuple):  # stereo_motorcycle: (left, right, disparity)
         arr = arr[0]
     arr = np.asarray(arr)
