@@ -15,7 +15,8 @@ library's log lines in the Prefect UI.
 Ingestion fans out over a Prefect task runner when ``ingest_task_runner`` is set (``thread``, ``process``, ``dask``,
 ``dask://host:port``, ``ray``, ``ray://host:port``): the ingest task maps a ``prepare-batch`` task over batches of
 input files on that runner and writes the shards from the results, in input order (the same dataset as without).
-Dask and Ray need ``pip install prefect-dask`` / ``prefect-ray`` (not part of the pinned stack).
+The batch function and the mapper come from the installed package (`ddcolor.fanout`), so a Dask or Ray cluster
+that has ``ddcolor`` installed runs them (``dask worker`` in any folder; it needs no checkout).
 
 Final states:
 
@@ -38,27 +39,21 @@ HTTP server ``train-ddcolor-mlflow-run`` (a link). The MLflow run is tagged ``pr
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections import deque
-from collections.abc import Callable, Iterator
-from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, State
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from ddcolor import pipeline, registry
+from ddcolor import fanout, pipeline, registry
 from ddcolor.config import Config, EnvSettings, load_config
+from ddcolor.fanout import TASK_RUNNERS
 from ddcolor.tracking import client as tracking_client
 
-if TYPE_CHECKING:
-    from ddcolor.data.ingest import BatchJob, Outcome
+fanout.pickle_flow_module_by_value(__name__)  # Dask/Ray workers get this flow with each task; they lack `flows`
 
 __all__ = ["ARTIFACT_KEYS", "INGEST_TASK_RUNNERS", "build_ingest_task_runner", "train_ddcolor"]
 
@@ -83,76 +78,19 @@ def _retry_if_transient(task: Any, task_run: Any, state: State) -> bool:
 RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": _retry_if_transient}
 
 
-INGEST_TASK_RUNNERS = ("thread", "process", "dask", "dask://host:port", "ray", "ray://host:port")
-_CLUSTER_RUNNERS = {  # kind: (package to install, module, class)
-    "dask": ("prefect-dask", "prefect_dask", "DaskTaskRunner"),
-    "ray": ("prefect-ray", "prefect_ray", "RayTaskRunner"),
-}
-INGEST_IN_FLIGHT = 64  # prepare-batch tasks submitted ahead of the one whose results are being written
+INGEST_TASK_RUNNERS = TASK_RUNNERS
+INGEST_IN_FLIGHT = fanout.IN_FLIGHT  # prepare-batch tasks submitted ahead of the one whose results are being written
 
 
-def build_ingest_task_runner(spec: str) -> TaskRunner:
-    """The task runner named by the flow parameter ``ingest_task_runner`` (see `INGEST_TASK_RUNNERS`).
-
-    Raises:
-        ValueError: an unknown name, or a ``dask://`` / ``ray://`` without an address.
-        ImportError: ``dask*`` / ``ray*`` without prefect-dask / prefect-ray installed (the message says what to
-            install).
-    """
-    kind, sep, address = spec.strip().partition("://")
-    if kind == "thread" and not sep:
-        return ThreadPoolTaskRunner()
-    if kind == "process" and not sep:
-        return ProcessPoolTaskRunner()
-    if kind not in _CLUSTER_RUNNERS or (sep and not address):
-        raise ValueError(
-            f"ingest_task_runner={spec!r} is not a task runner; use one of {', '.join(INGEST_TASK_RUNNERS)}"
-        )
-    package, module, name = _CLUSTER_RUNNERS[kind]
-    try:
-        runner_class = getattr(importlib.import_module(module), name)
-    except ImportError as err:
-        raise ImportError(
-            f"ingest_task_runner={spec!r} needs {package}, which is not installed: pip install {package} "
-            "(not part of the pinned stack; or use ingest_task_runner='process')"
-        ) from err
-    if not address:
-        return runner_class()  # a temporary local cluster for the run
-    # Dask schedulers listen on tcp://host:8786; Ray clients connect to ray://host:10001
-    return runner_class(address=f"tcp://{address}" if kind == "dask" else f"ray://{address}")
-
-
-class _TaskRunnerMapper:
-    """A `ddcolor.data.ingest.BatchMapper` on a Prefect task runner: one ``prepare-batch`` task run per batch.
-
-    At most `INGEST_IN_FLIGHT` batches are submitted ahead of the one being consumed (bounded memory); results are
-    yielded in batch order; closing the generator (a failure downstream) shuts the runner down.
-    """
-
-    def __init__(self, runner: TaskRunner) -> None:
-        self.runner = runner
-
-    def __repr__(self) -> str:
-        return f"Prefect {type(self.runner).__name__}"
-
-    def __call__(self, fn: Callable[[BatchJob], list[Outcome]], jobs: list[BatchJob]) -> Iterator[list[Outcome]]:
-        # no cache key (it would hash every job's known-hash set) and no stored results (encoded images)
-        prepare = task(fn, name="prepare-batch", cache_policy=NO_CACHE, persist_result=False)
-        todo = iter(jobs)
-        with self.runner.duplicate() as runner:
-            pending = deque(runner.submit(prepare, {"job": job}) for job in islice(todo, INGEST_IN_FLIGHT))
-            while pending:
-                outcomes = pending.popleft().result()  # raises what the task raised
-                job = next(todo, None)
-                if job is not None:
-                    pending.append(runner.submit(prepare, {"job": job}))
-                yield outcomes
+def build_ingest_task_runner(spec: str) -> Any:
+    """The task runner named by the flow parameter ``ingest_task_runner`` (`ddcolor.fanout.build_task_runner`)."""
+    return fanout.build_task_runner(spec, what="ingest_task_runner")
 
 
 @task(name="ingest", **RETRY)
 def ingest_task(config: Config, source: str | None, task_runner: str | None = None) -> dict[str, Any]:
     """``task_runner``: fan the per-file work out as ``prepare-batch`` tasks on it (`build_ingest_task_runner`)."""
-    mapper = _TaskRunnerMapper(build_ingest_task_runner(task_runner)) if task_runner else None
+    mapper = fanout.TaskRunnerMapper(build_ingest_task_runner(task_runner)) if task_runner else None
     report = pipeline.ingest_step(config, source, map_batches=mapper)
     get_run_logger().info(report.summary())
     return {"ingested": report.ingested, "duplicates": report.duplicates, "total_rows": report.total_rows}
@@ -280,7 +218,7 @@ def train_ddcolor(
         colorize: colorize the sample photos with the champion at the end.
         ingest_task_runner: fan ingestion out as ``prepare-batch`` tasks on this task runner: ``thread``,
             ``process``, ``dask`` (a local cluster) or ``dask://host:port``, ``ray`` or ``ray://host:port``
-            (Dask/Ray: ``pip install prefect-dask`` / ``prefect-ray``). None: the local process pool
+            (the cluster needs ``ddcolor`` installed). None: the local process pool
             (``data.num_workers``).
 
     Returns:
