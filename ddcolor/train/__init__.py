@@ -5,6 +5,6 @@ result = train(cfg, "data/shards", out_dir="runs/x", init="official:ddcolor_pape
 result.checkpoint_path        # runs/x/model.safetensors
 """
 
-from ddcolor.train.trainer import Trainer, TrainingDivergedError, TrainResult, train
+from ddcolor.train.trainer import Trainer, TrainingDivergedError, TrainingStopped, TrainResult, train
 
-__all__ = ["TrainResult", "Trainer", "TrainingDivergedError", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped", "train"]

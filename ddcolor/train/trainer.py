@@ -38,6 +38,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -55,14 +57,12 @@ from ddcolor.tracking.context import git_sha
 from ddcolor.train import checkpoint as ckpt
 from ddcolor.train.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, setup_distributed
 
-__all__ = ["METRICS_FILE", "MODEL_FILE", "TrainResult", "Trainer", "TrainingDivergedError", "train"]
+__all__ = ["METRICS_FILE", "MODEL_FILE", "TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped", "train"]
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
-#: How ``init`` names an MLflow model (loaded from the registry at MLFLOW_TRACKING_URI).
-MLFLOW_MODEL_PREFIX = "models:/"
 #: Metric name of each loss term returned by `ddcolor.losses.DDColorLoss` (unknown terms get ``loss_<name>``).
 _TERM_NAMES = {"total": "loss_g", "d_total": "loss_d"}
 
@@ -87,6 +87,26 @@ class TrainingDivergedError(RuntimeError):
             else "no checkpoint was written yet"
         )
         super().__init__(f"training diverged at step {step}: non-finite {', '.join(bad)} ({shown}); {where}")
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT stopped the run at a step boundary, after a checkpoint of that step was written.
+
+    Attributes:
+        step: the last completed optimizer step (the checkpoint's step).
+        signum: the signal (``signal.SIGTERM`` or ``signal.SIGINT``).
+        checkpoint: the checkpoint folder of ``step`` (``--resume`` continues from it).
+        exit_code: what a command-line program exits with: 128 + signum (143 for SIGTERM, 130 for SIGINT).
+    """
+
+    def __init__(self, step: int, signum: int, checkpoint: str | None) -> None:
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped at step {step}; resume with --resume on the same command (received {name}; checkpoint "
+            f"{checkpoint})"
+        )
 
 
 @dataclass
@@ -149,7 +169,10 @@ class Trainer:
         init: generator initialisation instead of ``model``: an official release (``official:ddcolor_paper_tiny``
             or the bare name; from the weights cache), one of our ``.safetensors`` files or an official ``.pth``.
             The architecture then comes from the weights, not from ``model``. Ignored when resuming.
-        resume: continue from ``latest.json`` under the checkpoint folder (from scratch, with a warning, if none).
+        resume: continue from the newest intact checkpoint under the checkpoint folder (every file verified
+            against its recorded sha256; a damaged newest one is skipped with a loud warning; from scratch, with a
+            warning, if there is none).
+        resume_strict: with ``resume``, fail on a damaged newest checkpoint instead of falling back.
         tracker: where metrics / images / the model go (rank 0 only); None: nowhere. The caller owns it (finishes
             it).
         max_steps: stop after this many optimizer steps (default ``train.max_steps``); the LR milestones are not
@@ -160,7 +183,9 @@ class Trainer:
             on CUDA too, at some speed cost.
         image_every: log the probe grid every this many steps (default ``10 * train.log_every``; 0 = never).
         probe_images: val rows in the probe grid (the first ones, in manifest order).
-        keep_last: training checkpoints to keep (None = all).
+        keep_last: training checkpoints to keep (None: ``train.keep_last``, whose null keeps all).
+        handle_signals: on SIGTERM / SIGINT finish the current step, checkpoint and raise `TrainingStopped` (main
+            thread only; a second signal exits at once).
     """
 
     def __init__(
@@ -178,7 +203,9 @@ class Trainer:
         deterministic: bool = False,
         image_every: int | None = None,
         probe_images: int = 4,
-        keep_last: int | None = 3,
+        keep_last: int | None = None,
+        resume_strict: bool = False,
+        handle_signals: bool = True,
     ) -> None:
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -194,7 +221,10 @@ class Trainer:
         self.deterministic = deterministic
         self.image_every = 10 * config.train.log_every if image_every is None else image_every
         self.probe_images = probe_images
-        self.keep_last = keep_last
+        self.keep_last = config.train.keep_last if keep_last is None else keep_last
+        self.resume_strict = resume_strict
+        self.handle_signals = handle_signals
+        self.stop_signal: int | None = None  # set by the SIGTERM / SIGINT handler; acted on at the step boundary
         td = config.train.checkpoint_dir
         self.checkpoint_root = td if storage.is_s3(td) or os.path.isabs(td) else str(self.out_dir / td)
         self.step = 0
@@ -210,6 +240,7 @@ class Trainer:
         """Join the process group, build G / D / losses / optimizers / data, then resume or initialise."""
         from ddcolor.data.loader import build_dataloader
         from ddcolor.losses import DDColorLoss, Discriminator, LossWeights, PerceptualLoss
+        from ddcolor.precision import resolve_amp
         from ddcolor.tracking import NullTracker
 
         cfg, tc = self.config, self.config.train
@@ -236,7 +267,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed input size: autotune convs once
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        amp = tc.amp
+        self.amp = amp = resolve_amp(tc.amp, device)  # auto -> bf16 | none for this device, logged once
         if amp == "fp16" and device.type != "cuda":
             raise ValueError(f"train.amp=fp16 needs CUDA (device is {device}); use train.amp=bf16 or none")
         if amp == "bf16" and device.type not in ("cuda", "cpu"):
@@ -246,14 +277,13 @@ class Trainer:
         # resume: find the checkpoint first, the architecture may come from it
         loaded = None
         if self.resume:
-            folder = ckpt.find_latest(self.checkpoint_root)
-            if folder is None:
+            loaded = ckpt.resume_checkpoint(self.checkpoint_root, strict=self.resume_strict)
+            if loaded is None:
                 log.warning("--resume: no checkpoint under %s; starting from scratch", self.checkpoint_root)
             else:
-                loaded = ckpt.load_training_checkpoint(folder)
                 self._check_resume(loaded)
                 if self.init is not None:
-                    log.warning("--resume: ignoring init=%s (the weights come from %s)", self.init, folder)
+                    log.warning("--resume: ignoring init=%s (the weights come from %s)", self.init, loaded.uri)
 
         # models (the same seed on every rank: identical initial weights, as DDP requires)
         _seed_all(tc.seed)
@@ -332,6 +362,7 @@ class Trainer:
             params = {**cfg.to_flat_dict()}
             params.update(
                 {
+                    "train.amp_resolved": amp,  # what train.amp (e.g. auto) became on this machine
                     "run.world_size": world,
                     "run.micro_batch_size": self.micro_batch,
                     "run.init": self.init or "",
@@ -534,7 +565,61 @@ class Trainer:
 
         Raises:
             TrainingDivergedError: a NaN / inf loss (nothing is saved for that step).
+            TrainingStopped: SIGTERM / SIGINT (see `Trainer`): the current step was finished and checkpointed.
         """
+        with self._stop_on_signals():
+            return self._train()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training: SIGTERM / SIGINT ask for a stop at the next step boundary; a second one exits at once.
+
+        Only the main thread can install signal handlers; elsewhere (a Prefect task in a worker thread) the
+        process keeps its own handling.
+        """
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None:
+                # checkpoint files are written atomically: exiting mid-write leaves the previous one intact
+                os.write(2, f"\nsecond signal ({name}): exiting at once, at step {self.step}\n".encode())
+                os._exit(128 + signum)
+            self.stop_signal = signum
+            log.warning(
+                "%s: finishing step %d, then writing a checkpoint and stopping (send it again to exit at once)",
+                name,
+                self.step + 1,
+            )
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _agreed_stop(self) -> int:
+        """The stop signal if any rank received one (0 otherwise): every rank stops at the same step."""
+        local = self.stop_signal or 0
+        if not self.dist.distributed:
+            return local
+        flag = torch.tensor([local], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoint the finished step (the normal, verified path) and raise `TrainingStopped`."""
+        if self.last_checkpoint_step != self.step:
+            self.save_checkpoint()
+        stopped = TrainingStopped(self.step, signum, self.last_checkpoint)
+        if self.is_main:
+            log.warning("%s", stopped)
+        raise stopped
+
+    def _train(self) -> TrainResult:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -580,6 +665,9 @@ class Trainer:
                     self._log_probe()
                 if step % tc.checkpoint_every == 0 or step == self.max_steps:
                     self.save_checkpoint()
+                signum = self._agreed_stop()
+                if signum and self.step < self.max_steps:
+                    self._stop(signum)
         if self.last_checkpoint_step != self.step:
             self.save_checkpoint()
         return self._finish()
@@ -712,7 +800,7 @@ class Trainer:
 
 
 def _load_init(spec: str, config: Config) -> nn.Module:
-    """The generator named by ``init`` (see `Trainer`), in train mode.
+    """The generator named by ``init`` (see `Trainer`), in train mode, through `ddcolor.model.load.load_generator`.
 
     ``spec`` is an official release name, a generator file, or an MLflow ``models:/...`` URI.
 
@@ -721,14 +809,9 @@ def _load_init(spec: str, config: Config) -> nn.Module:
         ddcolor.weights.WeightsNotFoundError: an official release that is not in the cache (names the command).
         FileNotFoundError, ddcolor.model.CheckpointError: a missing or unreadable file.
     """
-    from ddcolor.model.checkpoint import load_model
+    from ddcolor.model.load import load_generator
 
-    if spec.startswith(MLFLOW_MODEL_PREFIX):
-        from ddcolor.registry import load_registered_generator
-
-        model = load_registered_generator(spec).train()
-    else:
-        model = load_model(spec).train()
+    model = load_generator(spec).train()
     arch = asdict(model.config)
     wanted = {"num_queries": config.model.num_queries, "dec_layers": config.model.dec_layers, "nf": config.model.nf}
     differs = {k: (v, arch[k]) for k, v in wanted.items() if arch.get(k) != v}
@@ -759,13 +842,17 @@ def train(
         tracker: a `ddcolor.tracking.Tracker` (rank 0 logs to it; the caller finishes it); None: no tracking.
         max_steps: override ``train.max_steps``.
         **options: further `Trainer` keywords (num_workers, progress, deterministic, image_every, probe_images,
-            keep_last).
+            keep_last, resume_strict, handle_signals).
 
     Returns:
         The `TrainResult`.
 
     Raises:
         TrainingDivergedError: a NaN / inf loss.
+        TrainingStopped: SIGTERM / SIGINT; the last step was checkpointed (``--resume`` continues bit-exactly).
+        ddcolor.train.checkpoint.CheckpointCorruptError, NoIntactCheckpointError: ``resume`` found only damaged
+            checkpoints (or a damaged newest one with ``resume_strict``).
+        ddcolor.train.checkpoint.CheckpointWriteError: a checkpoint could not be written (the previous one is kept).
         ValueError: a configuration that cannot train (batch layout, device, AMP mode, too few rows, ...).
     """
     trainer = Trainer(
