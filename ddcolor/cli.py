@@ -108,10 +108,12 @@ def _model_error(exc: BaseException) -> typer.Exit:
 def colorize_command(
     inputs: Annotated[
         list[str],
-        typer.Argument(metavar="INPUT", help="Image files, folders (searched recursively) or quoted glob patterns."),
+        typer.Argument(
+            metavar="INPUT", help="Image or video files, folders (searched recursively) or quoted glob patterns."
+        ),
     ],
     out: str = typer.Option(
-        ..., "--out", "-o", help="Output folder; or an output file name (e.g. out.png) for a single input."
+        ..., "--out", "-o", help="Output folder; or an output file name (out.png, out.mp4) for a single input."
     ),
     model: str | None = typer.Option(
         None,
@@ -150,9 +152,30 @@ def colorize_command(
     engine: Literal["torch", "onnx"] = typer.Option(
         "torch", "--engine", help="torch, or onnx (onnxruntime; --model may be an .onnx file from export-onnx)."
     ),
+    crf: int = typer.Option(
+        18, "--crf", min=0, max=51, help="(video) H.264 quality: 0 lossless .. 51; 18 ~ visually lossless."
+    ),
+    temporal: Literal["flow", "off"] = typer.Option(
+        "flow", "--temporal", help="(video) flow: stabilise colors over time (optical flow); off: plain per-frame."
+    ),
+    temporal_strength: float = typer.Option(
+        0.8,
+        "--temporal-strength",
+        min=0.0,
+        max=1.0,
+        help="(video) Weight of the propagated color where motion is reliable.",
+    ),
+    segment_frames: int = typer.Option(
+        300, "--segment-frames", min=1, help="(video) Frames per resumable segment (a re-run reuses finished ones)."
+    ),
 ) -> None:
-    """Colorize images: files, folders (recursive) or globs, written to -o with the input's format and metadata."""
-    from ddcolor import colorize, weights
+    """Colorize images and videos: files, folders (recursive) or globs, written to -o.
+
+    Images keep their format and metadata. Videos (.mp4, .mkv, .mov, ...; -o out.mkv picks the container) keep
+    timestamps, rotation, audio and subtitles; they are encoded H.264 at --crf, stabilised over time unless
+    --temporal off, and resume from finished segments when re-run after an interruption.
+    """
+    from ddcolor import colorize, video, weights
     from ddcolor.imageio import default_max_pixels
     from ddcolor.model import OFFICIAL_RELEASES, CheckpointError
 
@@ -187,8 +210,16 @@ def colorize_command(
         raise _model_error(err) from None
     limit = default_max_pixels() if max_pixels is None else (max_pixels or None)
     try:
-        report = colorize.colorize_files(
-            colorizer, inputs, out, format=fmt, overwrite=overwrite, max_pixels=limit, progress=True
+        videos = video.VideoColorizer(
+            colorizer,
+            temporal=temporal,
+            strength=temporal_strength,
+            crf=crf,
+            segment_frames=segment_frames,
+            progress=True,
+        )
+        report = video.colorize_media(
+            colorizer, inputs, out, video=videos, format=fmt, overwrite=overwrite, max_pixels=limit, progress=True
         )
     except ValueError as err:
         typer.echo(f"Error: {err}", err=True)
@@ -247,11 +278,16 @@ def _load_flow():
 def _pipeline(params: dict, no_prefect: bool, progress: bool):
     """Run the pipeline (flow, or `run_pipeline` with --no-prefect); the `PipelineResult`; exit 1 if it failed."""
     import json
+    import os
+    import sys
 
     from ddcolor.pipeline import PipelineResult, run_pipeline, section_overrides
 
+    if not sys.stdout.isatty():  # MLflow's download bars are for people at a terminal, not for logs
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if no_prefect:
-        sections = {k: params[k] for k in ("data", "model", "train", "eval", "gates", "registry") if k in params}
+        keys = ("data", "validate", "model", "train", "eval", "gates", "registry")
+        sections = {k: params[k] for k in keys if k in params}
         dotted = [f"{key}={json.dumps(value)}" for key, value in section_overrides(**sections).items()]
         cfg = _train_config(params["config_path"], dotted)
         result = run_pipeline(
@@ -402,7 +438,8 @@ def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool) -
     result = _pipeline(params, no_prefect, progress=True)
     name = sections["registry"]["model_name"]
     tracking = EnvSettings.from_env().mlflow_tracking_uri
-    ui = "mlflow ui --backend-store-uri " + tracking if not tracking.startswith("http") else tracking
+    mlflow_ui = _venv_command("mlflow") + " ui --backend-store-uri " + tracking
+    ui = mlflow_ui if not tracking.startswith("http") else tracking
     typer.echo("")
     typer.echo(f"demo finished in {time.monotonic() - started:.0f} s: {result.status.replace('_', ' ')}")
     typer.echo(f"  sample grid (gray | champion | original): {result.grid}")
@@ -410,11 +447,30 @@ def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool) -
     typer.echo(f"  MLflow:         {ui}   (experiment {name}, registered model {name})")
     if not no_prefect:
         home = Path(".prefect").resolve()
-        typer.echo(f"  Prefect:        PREFECT_HOME={home} prefect server start   (flow train-ddcolor)")
-    typer.echo(f"  your photos:    ddcolor colorize PHOTOS -o OUT --model models:/{name}@champion")
-    typer.echo(f"  playground:     ddcolor ui --registered-model {name}   (http://127.0.0.1:7860/)")
-    if warnings:
+        prefect = _venv_command("prefect")
+        typer.echo(f"  Prefect:        PREFECT_HOME={home} {prefect} server start   (flow train-ddcolor)")
+    ddcolor = _venv_command("ddcolor")
+    typer.echo(f"  your photos:    {ddcolor} colorize PHOTOS -o OUT --model models:/{name}@champion")
+    typer.echo(f"  playground:     {ddcolor} ui --registered-model {name}   (http://127.0.0.1:7860/)")
+    if sections["model"].get("pretrained") is None or sections["eval"].get("metric_weights") == "random":
         typer.echo("  (trained and scored without pretrained weights: see the warnings above)", err=True)
+
+
+def _venv_command(name: str) -> str:
+    """How to call this environment's `name` from a new shell: plain `name` when that is what PATH finds, else its
+    path (``.venv/bin/mlflow`` relative to the working directory when inside it), so printed commands work as
+    printed without activating the virtualenv."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / name
+    if not script.is_file() or shutil.which(name) == str(script):
+        return name
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _colorize_demo(out: str, model: str | None, input_size: int, device: str, precision: str, random_init: bool):
@@ -670,14 +726,18 @@ def _train_config(config: str | None, overrides: list[str], defaults: tuple[str,
 
 
 def _run_training(cfg, data: str, out: str, init: str | None, resume: bool, track: bool, run_name: str | None, **kw):
-    """Start the tracker (rank 0), train, finish the tracker; training errors exit 1 with their message."""
+    """Start the tracker (rank 0), train, finish the tracker; training errors exit 1 with their message.
+
+    SIGTERM / SIGINT stop after the current step and a checkpoint: exit 143 / 130 with "stopped at step N; ...".
+    """
     import os
 
     from ddcolor.data.loader import ShardError
     from ddcolor.model import CheckpointError
     from ddcolor.storage import StorageError
     from ddcolor.tracking import TrackingError, start_tracker
-    from ddcolor.train import TrainingDivergedError, train
+    from ddcolor.train import TrainingDivergedError, TrainingStopped, train
+    from ddcolor.train.checkpoint import CheckpointWriteError
     from ddcolor.weights import WeightsError
 
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -693,8 +753,14 @@ def _run_training(cfg, data: str, out: str, init: str | None, resume: bool, trac
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except TrainingStopped as stop:
+        status = "KILLED"
+        if main_rank:
+            typer.echo(str(stop), err=True)
+        raise typer.Exit(stop.exit_code) from None
     except (
         TrainingDivergedError,
+        CheckpointWriteError,
         ValueError,
         FileNotFoundError,
         WeightsError,
@@ -739,18 +805,36 @@ def train_command(
         help="Start G from official:NAME (ddcolor_paper_tiny, ...; see `ddcolor weights list`), a .safetensors or "
         "an official .pth file, instead of the model section.",
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint under --out."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue from the newest intact checkpoint under --out (a damaged newer one is skipped with a warning).",
+    ),
+    resume_strict: bool = typer.Option(
+        False, "--resume-strict", help="Like --resume, but fail when the newest checkpoint is damaged."
+    ),
     track: bool = typer.Option(True, "--track/--no-track", help="Log to MLflow (MLFLOW_TRACKING_URI)."),
     run_name: str | None = typer.Option(None, "--run-name", help="MLflow run name."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train DDColor (generator + discriminator) on a shard dataset. Multi-GPU: `torchrun ... -m ddcolor.cli train`.
 
-    Exit code 0 when training finished, 1 on a training failure (divergence, data, weights, tracking server), 2 on a
-    bad configuration.
+    Exit code 0 when training finished, 1 on a training failure (divergence, damaged checkpoints, a checkpoint that
+    could not be written, data, weights, tracking server), 2 on a bad configuration, 143 / 130 when SIGTERM / SIGINT
+    stopped it (after finishing the current step and writing a checkpoint; a second signal exits at once).
     """
     cfg = _train_config(config, overrides or [])
-    _run_training(cfg, data or cfg.data.shards_uri, out, init, resume, track, run_name, progress=progress)
+    _run_training(
+        cfg,
+        data or cfg.data.shards_uri,
+        out,
+        init,
+        resume or resume_strict,
+        track,
+        run_name,
+        progress=progress,
+        resume_strict=resume_strict,
+    )
 
 
 @app.command("finetune")
@@ -848,10 +932,9 @@ def evaluate_command(
     ),
 ) -> None:
     """Evaluate a model on a dataset's val split: FID, colorfulness, ΔCF, PSNR, LPIPS -> metrics.json + report.md."""
-    import torch
-
     from ddcolor import weights
     from ddcolor.data.loader import ShardError
+    from ddcolor.devices import resolve_device
     from ddcolor.evaluate import evaluate
     from ddcolor.model import CheckpointError
     from ddcolor.model.checkpoint import checkpoint_run_id, load_model
@@ -883,7 +966,7 @@ def evaluate_command(
     status = "FAILED"
     try:
         result = evaluate(
-            network.to(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            network.to(resolve_device(device or "auto")),
             data or cfg.data.shards_uri,
             cfg,
             pretrained=None if random_init_metrics else "cache",

@@ -365,6 +365,28 @@ class GatesConfig(_Section):
     colorfulness_margin_vs_champion: float | None = Field(
         2.0, description="Challenger colorfulness must be ≥ champion colorfulness − this margin."
     )
+    psnr_margin_vs_champion: float | None = Field(
+        None, description="Challenger PSNR must be ≥ champion PSNR − this margin, dB (paired on the same images)."
+    )
+    lpips_margin_vs_champion: float | None = Field(
+        None, description="Challenger LPIPS must be ≤ champion LPIPS + this margin (paired on the same images)."
+    )
+    require_interval: bool = Field(
+        False,
+        description="Per-image *_margin_vs_champion checks (colorfulness, psnr, lpips) pass only when the whole "
+        "bootstrap 95% interval of the paired challenger − champion delta clears the margin, not just its mean.",
+    )
+    min_fid_images: int = Field(
+        2048,
+        ge=1,
+        description="FID checks need at least this many images (FID on fewer than its 2048 feature dimensions is "
+        "dominated by bias); below it they fail unless allow_small_fid_sample.",
+    )
+    allow_small_fid_sample: bool = Field(
+        False,
+        description="Gate on FID measured on fewer than min_fid_images images anyway (demos and smoke tests; the "
+        "check's reason says so).",
+    )
 
     def required_metrics(self) -> set[str]:
         """Names of the eval metrics the enabled gates need."""
@@ -375,6 +397,8 @@ class GatesConfig(_Section):
             "colorfulness_margin_vs_champion": "colorfulness",
             "max_delta_colorfulness": "delta_colorfulness",
             "min_psnr": "psnr",
+            "psnr_margin_vs_champion": "psnr",
+            "lpips_margin_vs_champion": "lpips",
         }
         return {metric for field, metric in needs.items() if getattr(self, field) is not None}
 

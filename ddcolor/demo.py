@@ -258,8 +258,12 @@ def pipeline_demo_sections(
         },
         "eval": {"image_size": 128, "batch_size": 8},
         "registry": {"model_name": "ddcolor-demo", "experiment_name": "ddcolor-demo"},
+        "gates": {"allow_small_fid_sample": True},
     }
-    warnings: list[str] = []
+    warnings: list[str] = [
+        "SMALL-SAMPLE FID: the demo evaluates ~5 images, far below gates.min_fid_images (2048); its FID is mostly "
+        "bias and is gated anyway only because the demo sets gates.allow_small_fid_sample: true."
+    ]
     missing = [name for name in _BACKBONE_WEIGHTS if name not in cached]
     if missing:
         sections["model"]["pretrained"] = None

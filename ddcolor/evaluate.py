@@ -34,7 +34,7 @@ from torch import nn
 from ddcolor import metrics as M
 from ddcolor.color import gray_rgb_from_l, lab_to_rgb
 
-__all__ = ["METRIC_KEYS", "EvalResult", "default_stats_cache", "evaluate"]
+__all__ = ["METRIC_KEYS", "PER_IMAGE_FILE", "EvalResult", "default_stats_cache", "eval_config_sha256", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,35 @@ METRIC_KEYS = {
     "delta_colorfulness": "val/delta_colorfulness",
     "psnr": "val/psnr",
     "lpips": "val/lpips",
+    "n_images": "val/n_images",
 }
+#: Per-image values (manifest order) written next to metrics.json and logged as ``eval/per_image.json``.
+PER_IMAGE_FILE = "per_image.json"
+#: Run tags an evaluation writes: what the metrics were measured on (`ddcolor.comparison` reads them).
+EVAL_TAGS = ("eval.dataset_sha256", "eval.config_sha256", "eval.dataset_uri")
 SAMPLE_ROWS = 8
 
 
 @dataclass
 class EvalResult:
-    """What `evaluate` measured: flat ``metrics`` (as in ``metrics.json``), image count and the protocol."""
+    """What `evaluate` measured: flat ``metrics`` (as in ``metrics.json``), image count, the protocol, and the
+    per-image values (``{"psnr": [...], "lpips": [...], "colorfulness": [...]}``, manifest order) that a paired
+    comparison with another model on the same images needs."""
 
     metrics: dict[str, float]
     n_images: int
     protocol: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
+    per_image: dict[str, list[float]] = field(default_factory=dict)
+
+
+def eval_config_sha256(eval_config: Any, *, pretrained: str | None, fid_dims: int = M.FID_DIMS) -> str:
+    """sha256 of what makes two evaluations of the same dataset comparable: the ``eval`` section (minus batch size),
+    the metric weights actually used (``cache`` or random) and the FID feature block."""
+    settings = eval_config.model_dump(mode="json")
+    settings.pop("batch_size", None)
+    settings.update(metric_networks="cache" if pretrained == "cache" else "random", fid_dims=fid_dims)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def default_stats_cache() -> Path:
@@ -65,20 +82,24 @@ def default_stats_cache() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "ddcolor") / "fid_stats"
 
 
-def _network(model: Any) -> nn.Module:
-    """An eval-mode module mapping gray RGB (B, 3, H, W) to ab (B, 2, H, W)."""
+def _network(model: Any, precision: str, device: str | torch.device | None) -> tuple[nn.Module, str]:
+    """An eval-mode module mapping gray RGB (B, 3, H, W) to ab (B, 2, H, W), and its precision."""
     from ddcolor.colorize import Colorizer
     from ddcolor.model.ddcolor import DDColor
     from ddcolor.model.inference import prepare_for_inference
+    from ddcolor.precision import resolve_precision
 
     if isinstance(model, Colorizer):
         if model.engine != "torch":
             raise ValueError("evaluate() needs a torch Colorizer (engine='torch')")
-        return model.net
+        return model.net, model.precision
     if isinstance(model, DDColor):
-        return prepare_for_inference(model)
+        param = next(model.parameters(), None)
+        where = device if device is not None else (param.device if param is not None else "cpu")
+        precision = resolve_precision(precision, where)
+        return prepare_for_inference(model, precision), precision
     if isinstance(model, nn.Module):
-        return model.eval()
+        return model.eval(), "as given"
     raise TypeError(f"model must be a DDColor, a Colorizer or an nn.Module, got {type(model).__name__}")
 
 
@@ -121,6 +142,16 @@ def _report(metrics: dict[str, float], n: int, protocol: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _per_image_record(result: EvalResult) -> dict[str, Any]:
+    return {
+        "dataset_manifest_sha256": result.protocol["dataset_manifest_sha256"],
+        "eval_config_sha256": result.protocol["eval_config_sha256"],
+        "n_images": result.n_images,
+        "order": "val split, manifest order",
+        "metrics": result.per_image,
+    }
+
+
 @torch.no_grad()
 def evaluate(
     model_or_colorizer: Any,
@@ -136,6 +167,8 @@ def evaluate(
     progress: bool = True,
     step: int = 0,
     fid_dims: int = M.FID_DIMS,
+    precision: str = "auto",
+    metric_networks: dict[str, nn.Module] | None = None,
 ) -> EvalResult:
     """Evaluate a colorization model on the val split of a shard dataset (protocol: the module docstring).
 
@@ -155,6 +188,10 @@ def evaluate(
         progress: show a progress bar.
         step: tracker step for the logged metrics.
         fid_dims: Inception feature block for FID: 2048 (standard); 64/192/768 only for cheap smoke tests.
+        metric_networks: ``{"inception": ..., "lpips": ...}`` already built (`ddcolor.metrics`), to measure two
+            models with the very same networks; None builds them from `pretrained`.
+        precision: of a `DDColor`'s forward (`ddcolor.precision`): "auto" (bf16 where native, else fp32), "fp32",
+            "bf16", "fp16"; a `Colorizer` keeps its own. The metric networks always run in fp32.
 
     Raises:
         ddcolor.weights.WeightsNotFoundError: FID / LPIPS weights missing (names ``ddcolor weights fetch``).
@@ -163,15 +200,15 @@ def evaluate(
     from PIL import Image
     from tqdm import tqdm
 
-    from ddcolor import storage
-    from ddcolor.data.loader import build_dataloader, read_manifest
+    from ddcolor.data.loader import build_dataloader
+    from ddcolor.data.manifest import manifest_sha256, read_manifest
 
     uri = str(dataset_uri)
     manifest = read_manifest(uri)
     eval_config, data_config = _configs(eval_config, data_config, manifest)
     wanted = set(eval_config.metrics)
     size = eval_config.image_size
-    net = _network(model_or_colorizer)
+    net, precision = _network(model_or_colorizer, precision, device)
     if device is None:
         param = next(net.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -179,10 +216,13 @@ def evaluate(
     net = net.to(device)
 
     need_fid, need_lpips = "fid" in wanted, "lpips" in wanted
-    inception = M.build_fid_inception(pretrained, dims=fid_dims).to(device) if need_fid else None
-    lpips_net = M.build_lpips(pretrained).to(device) if need_lpips else None
+    given = metric_networks or {}
+    inception = (given.get("inception") or M.build_fid_inception(pretrained, dims=fid_dims)) if need_fid else None
+    lpips_net = (given.get("lpips") or M.build_lpips(pretrained)) if need_lpips else None
+    inception = inception.to(device) if inception is not None else None
+    lpips_net = lpips_net.to(device) if lpips_net is not None else None
 
-    manifest_sha = hashlib.sha256(storage.read_bytes(storage.join(uri, "manifest.json"))).hexdigest()
+    manifest_sha = manifest_sha256(uri)
     val_rows = int((manifest.get("counts") or {}).get("val") or 0) or None
     n_total = min(val_rows, eval_config.max_images) if val_rows and eval_config.max_images else val_rows
     ref_path = None
@@ -237,6 +277,10 @@ def evaluate(
     if n == 0:
         raise ValueError(f"{uri}: the val split is empty (ingest with data.val_fraction > 0)")
 
+    per_image = {"colorfulness": torch.cat(cf_pred).tolist(), "colorfulness_gt": torch.cat(cf_gt).tolist()}
+    per_image["psnr"] = torch.cat(psnr).tolist()
+    if lpips_values:
+        per_image["lpips"] = torch.cat(lpips_values).double().tolist()
     results: dict[str, float] = {}
     if "fid" in wanted:
         if ref is None:
@@ -272,20 +316,26 @@ def evaluate(
         "psnr": "8-bit RGB, data range 255, per image then mean",
         "lpips": "lpips 0.1.4, net=alex, version 0.1, inputs scaled to [-1, 1], mean over images",
         "metric_weights": "cache" if pretrained == "cache" else "RANDOM INIT (meaningless FID/LPIPS)",
+        "precision": f"network {precision}; metric networks fp32",
         "n_images": n,
     }
-    result = EvalResult(metrics=results, n_images=n, protocol=protocol)
+    protocol["eval_config_sha256"] = eval_config_sha256(eval_config, pretrained=pretrained, fid_dims=fid_dims)
+    result = EvalResult(metrics=results, n_images=n, protocol=protocol, per_image=per_image)
 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps({**results, "n_images": n}, indent=2) + "\n")
+        (out / PER_IMAGE_FILE).write_text(json.dumps(_per_image_record(result)) + "\n")
         Image.fromarray(_grid(samples)).save(out / "samples.png")
         (out / "report.md").write_text(_report(results, n, protocol))
         result.out_dir = out
     if tracker is not None:
-        tracker.log_metrics({METRIC_KEYS[k]: v for k, v in results.items() if k in METRIC_KEYS}, step=step)
+        logged = {**results, "n_images": float(n)}  # every metric record says how many images it covers
+        tracker.log_metrics({METRIC_KEYS[k]: v for k, v in logged.items() if k in METRIC_KEYS}, step=step)
+        identity = (manifest_sha, protocol["eval_config_sha256"], uri)
+        tracker.set_tags(dict(zip(EVAL_TAGS, identity, strict=True)))
         if out_dir is not None:
-            for name in ("metrics.json", "report.md", "samples.png"):
+            for name in ("metrics.json", "report.md", "samples.png", PER_IMAGE_FILE):
                 tracker.log_artifact(Path(out_dir) / name, "eval")
     return result

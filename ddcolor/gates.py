@@ -4,13 +4,20 @@ Two kinds of check, each off when its `GatesConfig` field is null:
 
 * ``absolute``: FID <= ``max_fid``, colorfulness >= ``min_colorfulness``, ΔCF <= ``max_delta_colorfulness``,
   PSNR >= ``min_psnr``;
-* ``vs_champion`` (only when a champion exists, on the same validation set): FID <= champion FID +
-  ``fid_margin_vs_champion``, colorfulness >= champion colorfulness - ``colorfulness_margin_vs_champion``.
+* ``vs_champion`` (only when a champion exists): FID <= champion FID + ``fid_margin_vs_champion``; colorfulness,
+  PSNR and LPIPS within ``*_margin_vs_champion`` of the champion's. Both models must have been measured on the same
+  val split (`ddcolor.comparison` arranges that); for the per-image metrics the comparison is *paired* on the same
+  images (`ddcolor.stats.PairedDelta`: mean delta and bootstrap 95% interval), and with ``require_interval`` the
+  whole interval must clear the margin.
+
+Sample size: FID on fewer than ``min_fid_images`` images (default 2048, the Inception feature dimension) is
+dominated by bias; such an FID check fails with that reason unless ``allow_small_fid_sample`` is set (then the
+reason says the sample was small). Metrics carry ``n_images``.
 
 A metric an enabled check needs but that is missing (or NaN) fails that check with a reason saying so. Metric names
 may be bare (``fid``) or as tracked (``val/fid``). Usage::
 
-    decision = decide({"fid": 12.0, "colorfulness": 30.1}, cfg.gates, champion_metrics={"fid": 12.3, ...})
+    decision = decide({"fid": 12.0, "n_images": 5000}, cfg.gates, champion_metrics={"fid": 12.3}, paired=deltas)
     decision.passed, decision.table(), decision.to_dict()
 """
 
@@ -23,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ddcolor.config import GatesConfig
+from ddcolor.stats import PairedDelta
 
 __all__ = ["GateCheck", "GateDecision", "decide", "normalize_metrics"]
 
@@ -37,6 +45,8 @@ _ABSOLUTE = (
 _RELATIVE = (
     ("fid_vs_champion", "fid_margin_vs_champion", "fid", "<=", 1.0),
     ("colorfulness_vs_champion", "colorfulness_margin_vs_champion", "colorfulness", ">=", -1.0),
+    ("psnr_vs_champion", "psnr_margin_vs_champion", "psnr", ">=", -1.0),
+    ("lpips_vs_champion", "lpips_margin_vs_champion", "lpips", "<=", 1.0),
 )
 
 
@@ -54,6 +64,9 @@ class GateCheck:
         kind: ``absolute`` or ``vs_champion``.
         op: ``<=`` or ``>=``.
         reason: one line saying why it passed or failed.
+        n_images: images the challenger's value was measured on (None when unknown).
+        delta, ci_low, ci_high: paired challenger − champion mean difference and its bootstrap 95% interval (per-image
+            metrics against a champion measured on the same images; None otherwise).
     """
 
     name: str
@@ -65,21 +78,40 @@ class GateCheck:
     kind: Literal["absolute", "vs_champion"] = "absolute"
     op: str = "<="
     reason: str = ""
+    n_images: int | None = None
+    delta: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    """The outcome of `decide`: passed when every enabled check passed (and vacuously when none is enabled)."""
+    """The outcome of `decide`: passed when every enabled check passed (and vacuously when none is enabled).
+
+    Attributes:
+        dataset_sha256, eval_config_sha256: the val split (dataset manifest sha256) and evaluation settings both
+            models were measured on (None when unknown).
+        comparison: one line saying how the champion's numbers were obtained (recorded, cached, re-evaluated).
+        paired: ``{metric: PairedDelta.to_dict()}`` for the per-image metrics compared on the same images.
+    """
 
     passed: bool
     checks: tuple[GateCheck, ...] = field(default_factory=tuple)
     champion_version: str | None = None
+    dataset_sha256: str | None = None
+    eval_config_sha256: str | None = None
+    comparison: str | None = None
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"passed", "champion_version", "checks": [{name, metric, value, ...}, ...]}``."""
+        """JSON-ready: ``{"passed", "champion_version", "dataset_sha256", ..., "checks": [{name, ...}, ...]}``."""
         return {
             "passed": self.passed,
             "champion_version": self.champion_version,
+            "dataset_sha256": self.dataset_sha256,
+            "eval_config_sha256": self.eval_config_sha256,
+            "comparison": self.comparison,
+            "paired": self.paired,
             "checks": [asdict(c) for c in self.checks],
         }
 
@@ -88,34 +120,51 @@ class GateDecision:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateDecision:
-        checks = tuple(GateCheck(**c) for c in data.get("checks", ()))
-        return cls(passed=bool(data["passed"]), checks=checks, champion_version=data.get("champion_version"))
+        known = GateCheck.__dataclass_fields__
+        checks = tuple(GateCheck(**{k: v for k, v in c.items() if k in known}) for c in data.get("checks", ()))
+        return cls(
+            passed=bool(data["passed"]),
+            checks=checks,
+            champion_version=data.get("champion_version"),
+            dataset_sha256=data.get("dataset_sha256"),
+            eval_config_sha256=data.get("eval_config_sha256"),
+            comparison=data.get("comparison"),
+            paired=dict(data.get("paired") or {}),
+        )
 
     def table(self) -> str:
-        """A Markdown table of the checks, with a verdict line above it."""
+        """A Markdown table of the checks, with a verdict line (and the data both models were measured on) above."""
         verdict = "PASSED" if self.passed else "FAILED"
         champion = f"champion v{self.champion_version}" if self.champion_version else "no champion"
         lines = [
             f"**Gate {verdict}** ({champion}; {sum(c.passed for c in self.checks)}/{len(self.checks)} checks passed)",
             "",
-            "| check | kind | metric | value | op | threshold | champion | result | reason |",
-            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        if self.comparison:
+            lines += [f"Measured on: {self.comparison}", ""]
+        lines += [
+            "| check | kind | metric | n | value | op | threshold | champion | Δ vs champion [95% CI] | result "
+            "| reason |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in self.checks:
+            interval = "-" if c.delta is None else f"{c.delta:+.4g} [{_fmt(c.ci_low)}, {_fmt(c.ci_high)}]"
             cells = (
                 c.name,
                 c.kind,
                 c.metric,
+                "-" if c.n_images is None else str(c.n_images),
                 _fmt(c.value),
                 c.op,
                 _fmt(c.threshold),
                 _fmt(c.champion_value),
+                interval,
                 "pass" if c.passed else "FAIL",
                 c.reason.replace("|", "\\|"),
             )
             lines.append("| " + " | ".join(cells) + " |")
         if not self.checks:
-            lines.append("| (no gate enabled) | | | | | | | pass | |")
+            lines.append("| (no gate enabled) | | | | | | | | | pass | |")
         return "\n".join(lines) + "\n"
 
 
@@ -141,22 +190,52 @@ def _compare(value: float, op: str, threshold: float) -> bool:
     return value <= threshold if op == "<=" else value >= threshold
 
 
+def _fid_sample(n: float | None, gates: GatesConfig) -> tuple[bool, str]:
+    """(may the FID check be decided on this sample, note for the reason)."""
+    if n is None:
+        if gates.allow_small_fid_sample:
+            return True, " (sample size unknown; allowed by gates.allow_small_fid_sample)"
+        return False, "n_images unknown: cannot tell whether FID has enough images (gates.min_fid_images)"
+    if n >= gates.min_fid_images:
+        return True, ""
+    if gates.allow_small_fid_sample:
+        return (
+            True,
+            f" (SMALL SAMPLE: {n:.0f} < {gates.min_fid_images} images, allowed by gates.allow_small_fid_sample)",
+        )
+    return False, (
+        f"FID on {n:.0f} images < gates.min_fid_images {gates.min_fid_images}: too few for FID (bias dominates); "
+        "evaluate on more images, or set gates.allow_small_fid_sample: true for a demo"
+    )
+
+
 def decide(
     metrics: Mapping[str, Any],
     gates: GatesConfig,
     champion_metrics: Mapping[str, Any] | None = None,
     champion_version: str | None = None,
+    *,
+    paired: Mapping[str, PairedDelta] | None = None,
+    dataset_sha256: str | None = None,
+    eval_config_sha256: str | None = None,
+    comparison: str | None = None,
 ) -> GateDecision:
     """Apply the enabled gates to the challenger's `metrics` (and the champion's, when there is one).
 
     Args:
-        metrics: the challenger's eval metrics (``fid`` or ``val/fid`` keys; non-numeric values ignored).
+        metrics: the challenger's eval metrics (``fid`` or ``val/fid`` keys, ``n_images``; non-numeric values
+            ignored).
         gates: thresholds and margins; a null field turns its check off.
         champion_metrics: the champion's metrics on the same validation set; None = no champion, so only the
             absolute thresholds apply.
         champion_version: recorded in the decision (for the blessing and the table).
+        paired: per-image comparisons on the same images (`ddcolor.stats.paired_deltas`); the per-image
+            ``*_vs_champion`` checks use them (means, delta, interval) instead of the recorded means.
+        dataset_sha256, eval_config_sha256, comparison: what both models were measured on, recorded in the decision.
     """
     values = normalize_metrics(metrics)
+    n = values.get("n_images")
+    n_int = None if n is None else int(n)
     checks: list[GateCheck] = []
     for name, attr, metric, op in _ABSOLUTE:
         threshold = getattr(gates, attr)
@@ -164,13 +243,20 @@ def decide(
             continue
         value = values.get(metric)
         if value is None:
-            checks.append(
-                GateCheck(name, metric, None, threshold, None, False, "absolute", op, f"metric {metric!r} missing")
-            )
+            reason = f"metric {metric!r} missing"
+            checks.append(GateCheck(name, metric, None, threshold, None, False, "absolute", op, reason, n_int))
             continue
+        note = ""
+        if metric == "fid":
+            ok, note = _fid_sample(n, gates)
+            if not ok:
+                checks.append(
+                    GateCheck(name, metric, value, float(threshold), None, False, "absolute", op, note, n_int)
+                )
+                continue
         passed = _compare(value, op, threshold)
-        reason = f"{metric} {value:.4g} {op if passed else _negate(op)} {threshold:.4g}"
-        checks.append(GateCheck(name, metric, value, float(threshold), None, passed, "absolute", op, reason))
+        reason = f"{metric} {value:.4g} {op if passed else _negate(op)} {threshold:.4g}{note}"
+        checks.append(GateCheck(name, metric, value, float(threshold), None, passed, "absolute", op, reason, n_int))
 
     if champion_metrics is not None:
         champion = normalize_metrics(champion_metrics)
@@ -178,21 +264,73 @@ def decide(
             margin = getattr(gates, attr)
             if margin is None:
                 continue
-            value, base = values.get(metric), champion.get(metric)
-            threshold = None if base is None else base + sign * margin
-            if value is None:
-                reason = f"metric {metric!r} missing"
-            elif base is None:
-                reason = f"champion has no {metric!r} metric to compare with"
-            if value is None or base is None:
-                checks.append(GateCheck(name, metric, value, threshold, base, False, "vs_champion", op, reason))
-                continue
-            passed = _compare(value, op, threshold)
-            shown = f"champion {base:.4g} {'+' if sign > 0 else '-'} margin {margin:g}"
-            reason = f"{metric} {value:.4g} {op if passed else _negate(op)} {shown}"
-            checks.append(GateCheck(name, metric, value, threshold, base, passed, "vs_champion", op, reason))
+            checks.append(
+                _relative(name, metric, op, sign, margin, values, champion, (paired or {}).get(metric), gates)
+            )
 
-    return GateDecision(passed=all(c.passed for c in checks), checks=tuple(checks), champion_version=champion_version)
+    return GateDecision(
+        passed=all(c.passed for c in checks),
+        checks=tuple(checks),
+        champion_version=champion_version,
+        dataset_sha256=dataset_sha256,
+        eval_config_sha256=eval_config_sha256,
+        comparison=comparison,
+        paired={k: d.to_dict() for k, d in (paired or {}).items()},
+    )
+
+
+def _relative(
+    name: str,
+    metric: str,
+    op: str,
+    sign: float,
+    margin: float,
+    values: Mapping[str, float],
+    champion: Mapping[str, float],
+    pair: PairedDelta | None,
+    gates: GatesConfig,
+) -> GateCheck:
+    n = values.get("n_images")
+    n_int = None if n is None else int(n)
+    shown = f"margin {margin:g}"
+    if pair is not None:  # the same images: means over the paired images, plus the interval of the difference
+        value, base = pair.challenger_mean, pair.champion_mean
+        threshold = base + sign * margin
+        interval = dict(n_images=pair.n, delta=pair.mean_delta, ci_low=pair.ci_low, ci_high=pair.ci_high)
+        described = f"Δ {pair.describe()} over {pair.n} paired images"
+        if gates.require_interval:
+            bound = pair.ci_low if op == ">=" else pair.ci_high
+            passed = _compare(bound, op, sign * margin)
+            end = "low" if op == ">=" else "high"
+            reason = (
+                f"{metric} {described}: interval {end} end {bound:+.4g} {op if passed else _negate(op)} "
+                f"{sign * margin:+g} ({shown}, gates.require_interval)"
+            )
+        else:
+            passed = _compare(pair.mean_delta, op, sign * margin)
+            reason = f"{metric} {described}: mean {op if passed else _negate(op)} {sign * margin:+g} ({shown})"
+        return GateCheck(name, metric, value, threshold, base, passed, "vs_champion", op, reason, **interval)
+
+    value, base = values.get(metric), champion.get(metric)
+    threshold = None if base is None else base + sign * margin
+    reason = ""
+    if value is None:
+        reason = f"metric {metric!r} missing"
+    elif base is None:
+        reason = f"champion has no {metric!r} metric to compare with"
+    elif metric == "fid":
+        ok, note = _fid_sample(n, gates)
+        if not ok:
+            reason = note
+    elif gates.require_interval:
+        reason = f"no per-image {metric} values of both models on the same images: no interval (gates.require_interval)"
+    if reason:
+        return GateCheck(name, metric, value, threshold, base, False, "vs_champion", op, reason, n_int)
+    note = _fid_sample(n, gates)[1] if metric == "fid" else ""
+    passed = _compare(value, op, threshold)
+    shown = f"champion {base:.4g} {'+' if sign > 0 else '-'} margin {margin:g}"
+    reason = f"{metric} {value:.4g} {op if passed else _negate(op)} {shown}{note}"
+    return GateCheck(name, metric, value, threshold, base, passed, "vs_champion", op, reason, n_int)
 
 
 def _negate(op: str) -> str:

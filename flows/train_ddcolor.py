@@ -40,6 +40,8 @@ HTTP server ``train-ddcolor-mlflow-run`` (a link). The MLflow run is tagged ``pr
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +197,7 @@ def train_ddcolor(
     config_path: str | None = "params.yaml",
     source: str | None = None,
     data: dict[str, Any] | None = None,
+    validate: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     eval: dict[str, Any] | None = None,
@@ -211,7 +214,7 @@ def train_ddcolor(
     Args:
         config_path: params.yaml to start from (relative to the working directory); None = built-in defaults.
         source: raw images (folder or ``s3://``); default ``data.source``.
-        data, model, train, eval, gates, registry: keys merged onto those sections of the file.
+        data, validate, model, train, eval, gates, registry: keys merged onto those sections of the file.
         force: train even when the champion has the same data and config.
         work_dir: local folder for reports, training outputs and the sample grid.
         nproc_per_node: GPUs (processes) for ``torchrun`` DDP training; 1 = train in the task's process.
@@ -227,8 +230,10 @@ def train_ddcolor(
     """
     logger = get_run_logger()
     overrides = pipeline.section_overrides(
-        data=data, model=model, train=train, eval=eval, gates=gates, registry=registry
+        data=data, validate=validate, model=model, train=train, eval=eval, gates=gates, registry=registry
     )
+    if not sys.stdout.isatty():  # MLflow's artifact download bars flood worker logs; keep them for terminals
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = load_config(config_path, overrides)  # a bad key fails the run here, before any work
     if ingest_task_runner:
         build_ingest_task_runner(ingest_task_runner)  # so does an unknown or missing task runner

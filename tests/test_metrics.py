@@ -198,7 +198,10 @@ def tiny_eval(tmp_path_factory):
 
 class _RecordingTracker:
     def __init__(self):
-        self.metrics, self.artifacts = [], []
+        self.metrics, self.artifacts, self.tags = [], [], {}
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
 
     def log_metrics(self, metrics, step):
         self.metrics.append((dict(metrics), step))
@@ -239,8 +242,17 @@ def test_evaluate_end_to_end(tiny_eval):
         "val/delta_colorfulness",
         "val/psnr",
         "val/lpips",
+        "val/n_images",
     }
-    assert len(tracker.artifacts) == 3
+    assert logged["val/n_images"] == result.n_images  # every metric record says how many images it covers
+    assert tracker.tags["eval.dataset_sha256"] == result.protocol["dataset_manifest_sha256"]
+    assert tracker.tags["eval.config_sha256"] == result.protocol["eval_config_sha256"]
+    assert len(tracker.artifacts) == 4
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert per_image["n_images"] == result.n_images
+    for metric in ("psnr", "lpips", "colorfulness"):  # per image, in manifest order; their mean is the metric
+        assert len(per_image["metrics"][metric]) == result.n_images
+        assert np.mean(per_image["metrics"][metric]) == pytest.approx(m[metric], rel=1e-5)
 
     # resize to eval.image_size, max_images and a metric subset; a Colorizer is accepted too
     from ddcolor.colorize import Colorizer

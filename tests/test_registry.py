@@ -25,7 +25,7 @@ from ddcolor.registry import (
 # --- gates (pure) ----------------------------------------------------------------------------------------
 
 STRICT = {"max_fid": 20.0, "min_colorfulness": 25.0, "max_delta_colorfulness": 5.0, "min_psnr": 21.0}
-GOOD = {"fid": 15.0, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0}
+GOOD = {"fid": 15.0, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0, "n_images": 5000}
 
 
 @pytest.mark.parametrize(
@@ -53,8 +53,19 @@ GOOD = {"fid": 15.0, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22
             id="relative-off",
         ),
         pytest.param({}, GOOD, {"colorfulness": 30.0}, False, {"fid_vs_champion"}, id="champion-lacks-metric"),
+        pytest.param(STRICT, {**GOOD, "n_images": 2047}, None, False, {"max_fid"}, id="fid-small-sample"),
         pytest.param(
-            STRICT, {"val/fid": 15.0, "val/colorfulness": 30.0, "val/delta_colorfulness": 1.0, "val/psnr": 25.0},
+            {**STRICT, "allow_small_fid_sample": True}, {**GOOD, "n_images": 4}, None, True, set(), id="small-allowed"
+        ),
+        pytest.param(
+            {}, {**GOOD, "n_images": 4}, {"fid": 15.0, "colorfulness": 30.0}, False, {"fid_vs_champion"},
+            id="fid-vs-champion-small-sample",
+        ),
+        pytest.param(STRICT, {k: v for k, v in GOOD.items() if k != "n_images"}, None, False, {"max_fid"}, id="no-n"),
+        pytest.param(
+            STRICT,
+            {"val/fid": 15.0, "val/colorfulness": 30.0, "val/delta_colorfulness": 1.0, "val/psnr": 25.0,
+             "val/n_images": 2048},
             {"val/fid": 15.0, "val/colorfulness": 30.0}, True, set(), id="val-prefixed",
         ),
     ],
@@ -71,7 +82,9 @@ def test_decide_cases(gates, metrics, champion, passed, failed_checks):
 
 
 def test_decision_reasons_table_and_round_trip():
-    decision = decide({"fid": 16.0}, GatesConfig(min_psnr=20.0), {"fid": 15.0, "colorfulness": 30.0}, "7")
+    decision = decide(
+        {"fid": 16.0, "n_images": 4096}, GatesConfig(min_psnr=20.0), {"fid": 15.0, "colorfulness": 30.0}, "7"
+    )
     by_name = {c.name: c for c in decision.checks}
     assert by_name["min_psnr"].reason == "metric 'psnr' missing" and by_name["min_psnr"].value is None
     assert by_name["fid_vs_champion"].threshold == pytest.approx(15.5)
@@ -79,7 +92,7 @@ def test_decision_reasons_table_and_round_trip():
     assert "missing" in by_name["colorfulness_vs_champion"].reason
     table = decision.table()
     assert table.startswith("**Gate FAILED** (champion v7; 0/3 checks passed)")
-    assert "| fid_vs_champion | vs_champion | fid | 16 | <= | 15.5 | 15 | FAIL |" in table
+    assert "| fid_vs_champion | vs_champion | fid | 4096 | 16 | <= | 15.5 | 15 | - | FAIL |" in table
     data = json.loads(json.dumps(decision.to_dict()))
     assert data["passed"] is False and data["champion_version"] == "7" and len(data["checks"]) == 3
     assert GateDecision.from_dict(data) == decision
@@ -147,7 +160,7 @@ def _run(logged_model, metrics: dict[str, float], dataset: str = "ab" * 32) -> s
 
 
 def _good(fid: float = 15.0) -> dict[str, float]:
-    return {"fid": fid, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0}
+    return {"fid": fid, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0, "n_images": 5000.0}
 
 
 def _promote_run(logged_model, cfg, metrics, attach_onnx: bool = False) -> tuple[str, str, object]:
