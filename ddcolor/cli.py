@@ -175,7 +175,8 @@ def colorize_command(
     timestamps, rotation, audio and subtitles; they are encoded H.264 at --crf, stabilised over time unless
     --temporal off, and resume from finished segments when re-run after an interruption.
     """
-    from ddcolor import colorize, video, weights
+    from ddcolor import colorize, weights
+    from ddcolor._optional import MissingExtraError
     from ddcolor.imageio import default_max_pixels
     from ddcolor.model import OFFICIAL_RELEASES, CheckpointError
 
@@ -210,17 +211,27 @@ def colorize_command(
         raise _model_error(err) from None
     limit = default_max_pixels() if max_pixels is None else (max_pixels or None)
     try:
-        videos = video.VideoColorizer(
-            colorizer,
-            temporal=temporal,
-            strength=temporal_strength,
-            crf=crf,
-            segment_frames=segment_frames,
-            progress=True,
-        )
-        report = video.colorize_media(
-            colorizer, inputs, out, video=videos, format=fmt, overwrite=overwrite, max_pixels=limit, progress=True
-        )
+        try:
+            from ddcolor import video
+        except MissingExtraError as err:  # images still work without the video extra
+            logging.getLogger(__name__).info("videos are not supported here: %s", err)
+            video = None
+        if video is None:
+            report = colorize.colorize_files(
+                colorizer, inputs, out, format=fmt, overwrite=overwrite, max_pixels=limit, progress=True
+            )
+        else:
+            videos = video.VideoColorizer(
+                colorizer,
+                temporal=temporal,
+                strength=temporal_strength,
+                crf=crf,
+                segment_frames=segment_frames,
+                progress=True,
+            )
+            report = video.colorize_media(
+                colorizer, inputs, out, video=videos, format=fmt, overwrite=overwrite, max_pixels=limit, progress=True
+            )
     except ValueError as err:
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(2) from None
