@@ -284,8 +284,9 @@ def test_local_to_s3_and_s3_to_s3(bad_image_corpus: ImageCorpus, s3_env: str, s3
 
 @pytest.fixture
 def fast_failing_s3(monkeypatch):
-    """One HTTP attempt per botocore call, so every failure reaches ddcolor's own retry loop at once."""
-    monkeypatch.setattr(storage, "BOTOCORE_MAX_ATTEMPTS", 1)
+    """botocore's request retries as a user would set them (the storage layer adds none): few, standard mode."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
 
 
 def test_s3_server_restart_mid_ingest_is_survived(tmp_path, s3_env, s3_server, monkeypatch, fast_failing_s3):
@@ -303,22 +304,21 @@ def test_s3_server_restart_mid_ingest_is_survived(tmp_path, s3_env, s3_server, m
             s3_server.stop()
         return real_upload(local, uri)
 
-    backoffs: list[float] = []
+    retries: list[int] = []
 
-    def backoff(seconds: float) -> None:
-        # the retry's sleep: the server comes back (with the bucket restored, since moto keeps state in memory)
-        # during the first backoff, so the retry must succeed; no timer, so no race with a slow machine
-        backoffs.append(seconds)
+    def on_retry(where: str, attempt: int, error: object) -> None:
+        # botocore is about to retry the failed request: the server comes back (with the bucket restored, since
+        # moto keeps state in memory) before it does, so the retry must succeed; no timer, so no race
+        retries.append(attempt)
         if not s3_server.running:
             s3_server.start()
             _restore(s3_server.endpoint_url, bucket, saved["objects"])
 
     monkeypatch.setattr(storage, "upload_file", upload)
-    monkeypatch.setattr(storage, "_sleep", backoff)
-    monkeypatch.setenv(storage.BACKOFF_ENV, "0.2")
+    monkeypatch.setattr(storage, "_on_request_retry", on_retry)
     report = ingest(tmp_path / "src", dest, _cfg(shard_rows=3), num_workers=0)
 
-    assert backoffs, "the upload never failed: the server was not really stopped"
+    assert retries, "the upload never failed: the server was not really stopped"
     assert (report.inputs, report.ingested, report.duplicates, len(report.quarantined)) == (10, 10, 0, 0)
     manifest, rows = _dataset(dest)
     assert [s["rows"] for s in manifest["shards"]] == [3, 3, 3, 1]
@@ -326,13 +326,12 @@ def test_s3_server_restart_mid_ingest_is_survived(tmp_path, s3_env, s3_server, m
 
 
 def test_s3_failure_exits_nonzero_and_rerun_completes(tmp_path, s3_env, s3_server, monkeypatch, fast_failing_s3):
-    """The server dies for good mid-run (retries exhausted: CLI exit 1); after a restart a rerun completes exactly."""
+    """The server dies for good mid-run (botocore's AWS_MAX_ATTEMPTS=3 exhausted: CLI exit 1); after a restart a
+    rerun completes exactly."""
     bucket, dest = s3_env, f"s3://{s3_env}/ds"
     make_random_images(tmp_path / "src", 7)
     (tmp_path / "src" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(storage.RETRIES_ENV, "3")
-    monkeypatch.setenv(storage.BACKOFF_ENV, "0.05")
     snapshot: dict[str, bytes] = {}
     real_upload = storage.upload_file
     uploads: list[str] = []

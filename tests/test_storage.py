@@ -116,88 +116,241 @@ def test_missing_bucket_is_a_clear_error(s3_env):
     assert not isinstance(info.value, StorageNotFoundError)
 
 
-def test_client_uses_env_endpoint_and_checksum_config(s3_env, s3_server):
-    client = storage.s3_client()
-    assert client.meta.endpoint_url == s3_server.endpoint_url
-    assert client.meta.config.request_checksum_calculation == "when_required"
-    assert client.meta.config.response_checksum_validation == "when_required"
-    assert client.meta.config.retries["mode"] == "standard"
+def test_clients_use_env_endpoint_checksums_and_the_users_retry_settings(s3_env, s3_server, monkeypatch):
+    """No hard-coded retry config: AWS_MAX_ATTEMPTS / AWS_RETRY_MODE reach botocore; s3fs's own loop is off."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    fs, path = storage.filesystem(f"s3://{s3_env}/a/b.bin")
+    assert path == f"{s3_env}/a/b.bin" and fs.retries == 1
+    fs.connect()
+    for client in (fs.s3, storage.s3_client()):
+        assert client.meta.endpoint_url == s3_server.endpoint_url
+        assert client.meta.config.request_checksum_calculation == "when_required"
+        assert client.meta.config.response_checksum_validation == "when_required"
+        assert client.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 7}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # a change of settings gets a new client
+    other, _ = storage.filesystem(f"s3://{s3_env}/x")
+    other.connect()
+    assert other is not fs and other.s3.meta.config.retries["total_max_attempts"] == 2
 
 
-def test_retry_wrapper_backs_off_then_succeeds(monkeypatch):
+def _payload_error():
+    from aiohttp import ClientPayloadError
+
+    return ClientPayloadError("Response payload is not completed")
+
+
+def test_body_read_retry_backs_off_then_succeeds(monkeypatch):
+    """Only a body cut off mid-stream is retried here (botocore retries requests, not bodies)."""
+    from botocore.exceptions import IncompleteReadError
+
     sleeps: list[float] = []
     monkeypatch.setattr(storage, "_sleep", sleeps.append)
     monkeypatch.setenv(storage.RETRIES_ENV, "5")
     monkeypatch.setenv(storage.BACKOFF_ENV, "1")
     calls = []
 
-    def flaky():
-        calls.append(1)
+    def flaky(fs, path):
+        calls.append(path)
         if len(calls) == 1:
-            raise EndpointConnectionError(endpoint_url="http://x")
+            raise _payload_error()
         if len(calls) == 2:
-            raise ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Put")
-        return "ok"
+            raise OSError("wrapped") from IncompleteReadError(actual_bytes=3, expected_bytes=9)
+        return b"ok"
 
-    assert storage._with_retries("s3://b/k", "write", flaky) == "ok"
-    assert len(calls) == 3
+    assert storage._read_retrying("memory:///b/k", "read", flaky) == b"ok"
+    assert calls == ["/b/k"] * 3
     assert len(sleeps) == 2 and 0.75 <= sleeps[0] <= 1.25 and 1.5 <= sleeps[1] <= 2.5  # exponential, jittered
 
+    monkeypatch.setenv(storage.RETRIES_ENV, "2")
+    with pytest.raises(StorageError, match=r"cut off while reading.*gave up after 2 attempts.*DDCOLOR_STORAGE"):
+        storage._read_retrying("memory:///b/k", "read", lambda fs, path: (_ for _ in ()).throw(_payload_error()))
 
-def test_retry_wrapper_does_not_retry_client_errors(monkeypatch):
+
+def test_request_errors_are_not_retried_again(monkeypatch):
+    """Client errors and failed requests (already retried by botocore) go straight to a clear StorageError."""
     monkeypatch.setattr(storage, "_sleep", lambda s: pytest.fail("must not retry"))
-    err = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Get")
+    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Get")
+    unreachable = EndpointConnectionError(endpoint_url="http://x")
+    for err, message in [(denied, r"access denied.*AWS_ACCESS_KEY_ID"), (unreachable, "cannot reach S3")]:
 
-    def denied():
-        raise err
+        def fail(fs, path, err=err):
+            raise err
 
-    with pytest.raises(StorageError, match=r"access denied.*AWS_ACCESS_KEY_ID"):
-        storage._with_retries("s3://b/k", "read", denied)
+        with pytest.raises(StorageError, match=message):
+            storage._read_retrying("s3://b/k", "read", fail)
 
 
 def test_unreachable_endpoint_gives_up_with_a_clear_error(s3_env, monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv(storage.RETRIES_ENV, "2")
-    monkeypatch.setenv(storage.BACKOFF_ENV, "0.01")
-    monkeypatch.setattr(storage, "BOTOCORE_MAX_ATTEMPTS", 1)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    retries: list[int] = []
+    monkeypatch.setattr(storage, "_on_request_retry", lambda where, attempt, err: retries.append(attempt))
     start = time.monotonic()
     with pytest.raises(StorageError) as info:
         storage.read_bytes("s3://bucket/key")
     message = str(info.value)
     assert "s3://bucket/key" in message and endpoint in message and "gave up after 2 attempts" in message
-    assert time.monotonic() - start < 10
+    assert "AWS_MAX_ATTEMPTS" in message
+    assert retries == [1, 2]  # botocore made exactly the 2 attempts the user asked for; storage added none
+    assert time.monotonic() - start < 20
 
 
 def test_survives_a_server_restart(s3_env, s3_server, monkeypatch):
-    """A real server stop: the operation waits (retrying with backoff) until the server is back."""
+    """A real server stop: botocore retries the request (AWS_MAX_ATTEMPTS) and the server is back before it does."""
     from conftest import make_bucket
 
-    monkeypatch.setenv(storage.BACKOFF_ENV, "0.2")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     uri = f"s3://{s3_env}/k.bin"
     storage.write_bytes(uri, b"before")
     s3_server.stop()
+    retries: list[int] = []
 
-    import threading
+    def bring_back(where: str, attempt: int, error: object) -> None:  # no timer, so no race with a slow machine
+        retries.append(attempt)
+        if not s3_server.running:
+            s3_server.start()
+            make_bucket(s3_server.endpoint_url, s3_env)
 
-    def bring_back():
-        time.sleep(0.5)
-        s3_server.start()
-        make_bucket(s3_server.endpoint_url, s3_env)
-
-    thread = threading.Thread(target=bring_back)
-    thread.start()
-    try:
-        # ListObjects on the (re-created, empty) bucket: retried until the server answers
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert storage.list_files(f"s3://{s3_env}/") == []
-                break
-            except StorageError as err:  # NoSuchBucket in the instant between start and create_bucket
-                assert "does not exist" in str(err) and time.monotonic() < deadline
-                time.sleep(0.05)
-    finally:
-        thread.join()
+    monkeypatch.setattr(storage, "_on_request_retry", bring_back)
+    assert storage.list_files(f"s3://{s3_env}/") == []  # ListObjects on the (re-created, empty) bucket
+    assert retries == [1]
     storage.write_bytes(uri, b"after")
     assert storage.read_bytes(uri) == b"after"
+
+
+# --- other fsspec back-ends: https (read-only), memory; many small objects at once -----------------------
+
+
+class _Handler:
+    """http.server handler factory: files from a dict, Range support, and a first response cut off mid-body."""
+
+    @staticmethod
+    def make(files: dict[str, bytes], cut_first: set[str], requests: list[str]):
+        from http.server import BaseHTTPRequestHandler
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, body_out: bool) -> None:
+                data = files.get(self.path)
+                requests.append(f"{self.command} {self.path} {self.headers.get('Range', '')}".strip())
+                if data is None:
+                    self.send_error(404)
+                    return
+                status, body = 200, data
+                if rng := self.headers.get("Range"):
+                    first, _, last = rng.removeprefix("bytes=").partition("-")
+                    end = min(int(last) + 1 if last else len(data), len(data))
+                    status, body = 206, data[int(first) : end]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if not body_out:
+                    return
+                if self.path in cut_first and self.command == "GET":
+                    cut_first.discard(self.path)
+                    self.wfile.write(body[: len(body) // 2])  # then the connection closes: a truncated body
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(True)
+
+            def do_HEAD(self):
+                self._send(False)
+
+        return Handler
+
+
+@pytest.fixture
+def http_files():
+    """A local http.server on 127.0.0.1 serving an in-memory dict; yields (base_url, files, cut_first, requests)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    files: dict[str, bytes] = {}
+    cut_first: set[str] = set()
+    requests: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler.make(files, cut_first, requests))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", files, cut_first, requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_read_size_exists_ranged_and_download(http_files, tmp_path):
+    base, files, _, requests = http_files
+    table = pa.table({"x": list(range(2000))})
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=500)
+    files["/d/t.parquet"] = sink.getvalue()
+    files["/d/a.txt"] = b"hello"
+    assert storage.is_remote(f"{base}/d/a.txt") and not storage.is_s3(f"{base}/d/a.txt")
+    assert storage.read_bytes(f"{base}/d/a.txt") == b"hello"
+    assert storage.exists(f"{base}/d/a.txt") and not storage.exists(f"{base}/d/missing.txt")
+    assert storage.size(f"{base}/d/t.parquet") == len(files["/d/t.parquet"])
+    with pytest.raises(StorageNotFoundError, match=r"missing\.txt"):
+        storage.read_bytes(f"{base}/d/missing.txt")
+    requests.clear()
+    with storage.open_input_file(f"{base}/d/t.parquet", buffer_size=4096) as fh:
+        assert pq.ParquetFile(fh).read_row_group(3).column("x").to_pylist() == list(range(1500, 2000))
+    assert requests and all("bytes=" in r for r in requests if r.startswith("GET"))  # ranged reads only
+    storage.download_file(f"{base}/d/a.txt", tmp_path / "got" / "a.txt")
+    assert (tmp_path / "got" / "a.txt").read_bytes() == b"hello"
+    with pytest.raises(StorageError, match="no listing"):
+        storage.list_files(f"{base}/d/")
+    with pytest.raises(StorageError, match="write"):
+        storage.write_bytes(f"{base}/d/new.txt", b"x")
+
+
+def test_https_body_cut_off_mid_stream_is_retried(http_files, monkeypatch):
+    """The first GET sends half the body and closes: the storage layer's body-read retry reads it again."""
+    base, files, cut_first, requests = http_files
+    files["/big.bin"] = bytes(range(256)) * 64
+    cut_first.add("/big.bin")
+    sleeps: list[float] = []
+    monkeypatch.setattr(storage, "_sleep", sleeps.append)
+    assert storage.read_bytes(f"{base}/big.bin") == files["/big.bin"]
+    assert len(sleeps) == 1 and [r for r in requests if r.startswith("GET")] == ["GET /big.bin"] * 2
+
+
+def test_read_many_concurrent_on_s3_local_and_https(s3_env, http_files, tmp_path):
+    base, files, _, _ = http_files
+    uris = [f"s3://{s3_env}/many/{i:03d}.bin" for i in range(40)]
+    for i, uri in enumerate(uris):
+        storage.write_bytes(uri, bytes([i]) * (i + 1))
+    files["/h.bin"] = b"web"
+    (tmp_path / "l.bin").write_bytes(b"local")
+    mixed = [*uris, f"{base}/h.bin", str(tmp_path / "l.bin")]
+    got = storage.read_many(mixed)
+    assert got == [bytes([i]) * (i + 1) for i in range(40)] + [b"web", b"local"]
+    missing = [uris[0], f"s3://{s3_env}/many/nope.bin", f"{base}/nope", str(tmp_path / "nope")]
+    got = storage.read_many(missing, errors="return")
+    assert got[0] == b"\x00" and all(isinstance(e, StorageNotFoundError) for e in got[1:])
+    assert [e.uri for e in got[1:]] == missing[1:]
+    with pytest.raises(StorageNotFoundError, match=r"nope\.bin"):
+        storage.read_many(missing)
+
+
+def test_generic_fsspec_backend_and_missing_backends():
+    """memory:// stands in for any fsspec file system (gs://, az:// go the same way once installed)."""
+    root = "memory:///ddcolor-test-store"
+    storage.write_bytes(storage.join(root, "a.png"), b"1")
+    storage.upload_file(__file__, storage.join(root, "sub", "t.py"))
+    assert storage.list_files(root, suffixes=[".png", ".py"]) == [f"{root}/a.png", f"{root}/sub/t.py"]
+    assert storage.size(f"{root}/a.png") == 1 and storage.exists(f"{root}/a.png") and not storage.exists(root)
+    storage.delete(f"{root}/a.png")
+    assert not storage.exists(f"{root}/a.png")
+    for uri, package in [("gs://bucket/x", "gcsfs"), ("az://container/x", "adlfs")]:
+        with pytest.raises(StorageError, match=f"pip install {package}"):
+            storage.read_bytes(uri)
