@@ -1,24 +1,6 @@
 """Ingestion: raw images (a local folder or ``s3://`` prefix) -> a Lab Parquet shard dataset (local or ``s3://``).
 
-Layout of a dataset at DEST::
-
-    manifest.json                       # the dataset: written last, atomically; lists every shard
-    quarantine.json                     # rejected inputs with reasons, accumulated across runs
-    shards/part-00000-<hash8>.parquet   # rows in `ddcolor.data.shards.SHARD_SCHEMA`; hash8 = file sha256[:8]
-
-Manifest (``format_version`` 1)::
-
-    {"format": "ddcolor-shards", "format_version": 1, "created_at": "<iso UTC>",
-     "config": {"size": 256, "resize_mode": "resize", "val_fraction": 0.05, "min_colorfulness": 15.0},
-     "shards": [{"path": "shards/part-00000-1a2b3c4d.parquet", "rows": 1024, "bytes": 123, "sha256": "<hex>",
-                 "splits": {"train": 970, "val": 54}, "low_colorfulness": 12}],
-     "counts": {"rows": 1024, "train": 970, "val": 54, "low_colorfulness": 12, "shards": 1}}
-
-Readers use only the shards the manifest lists: a shard left by an interrupted run is ignored (and logged).
-
-Quarantine: ``{"format": "ddcolor-quarantine", "format_version": 1, "entries": [{"source_uri", "sha256" (null if
-the file could not be read), "reason", "quarantined_at"}]}``; one entry per (source_uri, sha256), dropped once that
-content is ingested (e.g. after raising ``data.max_image_pixels``).
+The dataset's layout, manifest and quarantine formats are specified in `ddcolor.data.manifest`.
 
 Each run: list SOURCE, hash every file (sha256 of its bytes), skip content already in DEST's shards or earlier in
 this run (duplicates), decode the rest in a process pool (EXIF orientation, ICC -> sRGB via `ddcolor.imageio`),
@@ -60,6 +42,17 @@ from PIL import Image
 from ddcolor import storage
 from ddcolor.color import colorfulness_np
 from ddcolor.config import Config, DataConfig
+from ddcolor.data.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    QUARANTINE_FORMAT,
+    QUARANTINE_NAME,
+    SHARDS_DIR,
+    ManifestError,
+    orphan_shards,
+    read_manifest,
+)
 from ddcolor.data.shards import SHARD_SCHEMA, encode_lab, split_for
 from ddcolor.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, to_uint
 
@@ -88,12 +81,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ddcolor-shards"
-FORMAT_VERSION = 1
-QUARANTINE_FORMAT = "ddcolor-quarantine"
-MANIFEST_NAME = "manifest.json"
-QUARANTINE_NAME = "quarantine.json"
-SHARDS_DIR = "shards"
 MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotation) are quarantined
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: small enough to stream, large enough to compress
 TASK_BATCH = 4  # files per task sent to a worker process of the local pool
@@ -438,23 +425,18 @@ def _mapped_outcomes(
 
 
 def load_manifest(dest: str) -> dict[str, Any] | None:
-    """The manifest of the dataset at ``dest``, or None when there is none yet.
+    """The manifest of the dataset at ``dest`` (`ddcolor.data.manifest.read_manifest`), or None when there is none
+    yet.
 
     Raises:
-        IngestError: a manifest of another format or version. StorageError: storage failures.
+        IngestError: a manifest that is not JSON, or of another format or version. StorageError: storage failures.
     """
     try:
-        manifest = storage.read_json(storage.join(dest, MANIFEST_NAME))
-    except storage.StorageNotFoundError:
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IngestError(f"{storage.join(dest, MANIFEST_NAME)}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IngestError(
-            f"{storage.join(dest, MANIFEST_NAME)}: format_version {manifest.get('format_version')} is not supported "
-            f"(this ddcolor reads {FORMAT_VERSION})"
-        )
-    return manifest
+        return read_manifest(dest)
+    except ManifestError as err:
+        if err.missing:
+            return None
+        raise IngestError(str(err)) from None
 
 
 def shard_uris(dest: str, manifest: dict[str, Any] | None = None) -> list[str]:
@@ -505,15 +487,6 @@ def _check_compatible(manifest: dict[str, Any] | None, cfg: DataConfig, dest: st
         raise IngestError(
             f"{dest} was built with other settings: {', '.join(diff)}. Use a new --dest, or the dataset's settings."
         )
-
-
-def _orphans(dest: str, manifest: dict[str, Any] | None) -> list[str]:
-    listed = set(shard_uris(dest, manifest)) if manifest else set()
-    try:
-        found = storage.list_files(storage.join(dest, SHARDS_DIR), suffixes=[".parquet"])
-    except storage.StorageNotFoundError:
-        return []
-    return [uri for uri in found if uri not in listed]
 
 
 class _ShardWriter:
@@ -714,7 +687,7 @@ def ingest(
     manifest = load_manifest(dest)
     _check_compatible(manifest, cfg, dest)
     known = _known_hashes(dest, manifest)
-    orphans = _orphans(dest, manifest)
+    orphans = orphan_shards(dest, manifest)
     if orphans:
         log.warning(
             "%d shard files under %s are not in the manifest (left by an interrupted run) and are ignored; "

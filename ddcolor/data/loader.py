@@ -1,11 +1,11 @@
 """Streaming Lab Parquet shards into training: `LabShardDataset`, `collate`, `build_dataloader`.
 
-A dataset is a folder or ``s3://`` prefix with ``manifest.json`` and the shards it lists (see
-`ddcolor.data.shards`); only listed shards are read. On construction the dataset reads each shard's footer and
-its small columns (``sha256``, ``split``, ``height``, ``width``, ``colorfulness``, ``low_colorfulness``) to build
-a row index, and checks the schema and row count: a shard that cannot be read, has the wrong schema or another row
-count than the manifest says raises `ShardError` naming it (so does a corrupt row when it is read). Pixels are read
-later, one Parquet row group at a time (local files memory-mapped; S3 objects through
+A dataset is a folder or ``s3://`` prefix with ``manifest.json`` and the shards it lists (format:
+`ddcolor.data.manifest`; rows: `ddcolor.data.shards`); only listed shards are read. On construction the dataset
+reads each shard's footer and its small columns (``sha256``, ``split``, ``height``, ``width``, ``colorfulness``,
+``low_colorfulness``) to build a row index, and checks the schema and row count: a shard that cannot be read, has the
+wrong schema or another row count than the manifest says raises `ShardError` naming it (so does a corrupt row when
+it is read). Pixels are read later, one Parquet row group at a time (local files memory-mapped; S3 objects through
 `ddcolor.storage.open_input_file`, ranged GETs with retries, so only the footer and the needed column chunks
 travel). Nothing is cached on disk.
 
@@ -57,7 +57,6 @@ Use with a trainer::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -74,7 +73,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from ddcolor import storage
 from ddcolor.color import gray_rgb_from_l
-from ddcolor.data.shards import L_SCALE, SHARD_SCHEMA, SPLITS
+from ddcolor.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, schema_problems
+from ddcolor.data.shards import L_SCALE, SPLITS
 
 __all__ = [
     "MANIFEST_NAME",
@@ -84,14 +84,10 @@ __all__ = [
     "ShardError",
     "build_dataloader",
     "collate",
-    "read_manifest",
 ]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "ddcolor-shards"
-MANIFEST_VERSION = 1
 DEFAULT_SHUFFLE_BUFFER = 512
 STATE_VERSION = 1
 
@@ -128,41 +124,22 @@ def _open_parquet(uri: str) -> pq.ParquetFile:
         raise ShardError(f"{uri}: cannot open Parquet shard: {type(err).__name__}: {err}", uri) from err
 
 
-def read_manifest(uri: str) -> dict[str, Any]:
-    """Read and check a dataset's ``manifest.json``.
-
-    Raises:
-        ShardError: missing, not JSON, or not a ``ddcolor-shards`` v1 manifest (the message names the file).
-    """
-    path = storage.join(uri, MANIFEST_NAME)
+def _read_manifest(uri: str) -> dict[str, Any]:
+    """`ddcolor.data.manifest.read_manifest`, failing as the loader does: a `ShardError` naming the manifest."""
     try:
-        manifest = json.loads(storage.read_bytes(path))
-    except Exception as err:
+        return read_manifest(uri)
+    except ManifestError as err:
+        raise ShardError(str(err), err.uri) from err
+    except storage.StorageError as err:
+        path = storage.join(uri, MANIFEST_NAME)
         raise ShardError(f"{path}: cannot read dataset manifest: {type(err).__name__}: {err}", path) from err
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ShardError(f"{path}: not a {MANIFEST_FORMAT} manifest", path)
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise ShardError(
-            f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {MANIFEST_VERSION})",
-            path,
-        )
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards):
-        raise ShardError(f"{path}: 'shards' must be a list of {{'path': ..., 'rows': ...}}", path)
-    return manifest
 
 
 # --- index ---------------------------------------------------------------------------------------------------
 
 
 def _check_schema(uri: str, schema: pa.Schema) -> None:
-    problems = []
-    for expected in SHARD_SCHEMA:
-        index = schema.get_field_index(expected.name)
-        if index < 0:
-            problems.append(f"missing column {expected.name!r}")
-        elif not schema.field(index).type.equals(expected.type):
-            problems.append(f"column {expected.name!r} is {schema.field(index).type}, expected {expected.type}")
+    problems = schema_problems(schema, allow_extra_columns=True)  # only the known columns are read
     if problems:
         raise ShardError(f"{uri}: wrong shard schema: {'; '.join(problems)}", uri)
 
@@ -383,7 +360,7 @@ class LabShardDataset(IterableDataset):
     # -- index -----------------------------------------------------------------------------------------------
 
     def _build_index(self) -> None:
-        self.manifest = read_manifest(self.uri)
+        self.manifest = _read_manifest(self.uri)
         entries = self.manifest["shards"]
         uris = [storage.join(self.uri, e["path"]) for e in entries]
         rows = [e.get("rows") for e in entries]

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ddcolor import storage
+from ddcolor.data.manifest import MANIFEST_NAME, manifest_uri
 
 __all__ = ["DatasetVersion", "dataset_version", "dvc_out_md5"]
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"  # = ddcolor.data.ingest.MANIFEST_NAME (not imported: ingest pulls in numpy/PIL)
 
 
 @dataclass(frozen=True)
@@ -162,11 +161,11 @@ def dataset_version(uri: str | os.PathLike[str], repo: str | os.PathLike[str] = 
             is not JSON.
     """
     uri = str(uri)
-    data = storage.read_bytes(storage.join(uri, MANIFEST_NAME))
+    data = storage.read_bytes(manifest_uri(uri))  # the bytes: hashed below (= `manifest_sha256`) and md5-compared
     try:
         manifest = json.loads(data)
     except ValueError as err:
-        raise ValueError(f"{storage.join(uri, MANIFEST_NAME)}: not JSON ({err})") from None
+        raise ValueError(f"{manifest_uri(uri)}: not JSON ({err})") from None
     rows = int(((manifest or {}).get("counts") or {}).get("rows") or 0) if isinstance(manifest, dict) else 0
     md5 = None
     if not storage.is_s3(uri):
