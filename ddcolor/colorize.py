@@ -16,8 +16,8 @@ Public API:
         .colorize(image) -> image          numpy uint8 / uint16 / float, (H, W) or (H, W, 1|2|3|4), or PIL image
         .colorize_batch(images) -> list    up to `batch_size` images per forward pass
         .colorize_float(rgbs) -> list      float32 (H, W, 3) sRGB in [0, 1] in and out (the core)
-    load_colorization_model(spec, preset=None) -> DDColor
-    random_init_model(preset="atto", seed=0) -> DDColor
+    load_colorization_model(spec, preset=None) -> DDColor      `ddcolor.model.load.load_generator`
+    random_init_model(preset="atto", seed=0) -> DDColor        `ddcolor.model.load.random_init_generator`
     colorize_files(colorizer, inputs, out, ...) -> ColorizeReport   (what `ddcolor colorize` runs)
 """
 
@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddcolor.color import gray_rgb_from_l, lab_to_rgb, rgb_to_lab
+from ddcolor.devices import DEVICES, resolve_device
 from ddcolor.imageio import (
     DEFAULT_MAX_PIXELS,
     FORMAT_EXTENSIONS,
@@ -52,7 +53,10 @@ from ddcolor.imageio import (
     to_uint,
     write_image,
 )
-from ddcolor.model import INPUT_MULTIPLE, DDColor, build_model, prepare_for_inference
+from ddcolor.model import INPUT_MULTIPLE, DDColor, prepare_for_inference
+from ddcolor.model.load import RANDOM_INIT_WARNING, load_generator
+from ddcolor.model.load import load_generator as load_colorization_model  # the names the CLI, demo and tests use
+from ddcolor.model.load import random_init_generator as random_init_model
 
 __all__ = [
     "AB_RANGE",
@@ -75,79 +79,11 @@ log = logging.getLogger(__name__)
 
 AB_RANGE = (-128.0, 127.0)  # Lab a*, b* are clamped to this range before Lab -> sRGB
 AB_UPSAMPLE_MODES = ("bilinear", "nearest")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINES = ("torch", "onnx")  # torch: prepare_for_inference; onnx: onnxruntime on the fp32 export
-RANDOM_INIT_WARNING = (
-    "RANDOM-INIT MODEL: the {preset} network has random weights, so the output colors are MEANINGLESS "
-    "(smoke tests only). For real colors fetch weights (`ddcolor weights fetch ddcolor_paper_tiny`, then "
-    "--model ddcolor_paper_tiny) or train a model and pass its checkpoint with --model."
-)
 
 
-# --- models ----------------------------------------------------------------------------------------------
-def load_colorization_model(spec: str | os.PathLike[str], preset: str | None = None) -> DDColor:
-    """Resolve what the user named into a `DDColor` in eval mode.
-
-    Args:
-        spec: an official release name (``ddcolor_paper_tiny``, ...; from the weights cache), one of our
-            ``.safetensors`` checkpoints, an official ``.pth`` file, or an MLflow model URI
-            (``models:/ddcolor@champion``, from the registry at MLFLOW_TRACKING_URI).
-        preset: model preset of an official ``.pth`` file; inferred from the checkpoint when None.
-
-    Raises:
-        ddcolor.weights.WeightsNotFoundError: a release that is not in the cache (the message names the
-            `ddcolor weights fetch` command).
-        FileNotFoundError: no such release or file (the message lists what ``spec`` may be).
-        ddcolor.model.CheckpointError: an unreadable or non-fitting checkpoint.
-    """
-    from ddcolor.model.checkpoint import load_model
-
-    text = str(spec)
-    if text.startswith(("models:/", "runs:/")):
-        from ddcolor.registry import load_registered_generator
-
-        return load_registered_generator(text)
-    return load_model(spec, preset=preset)
-
-
-def random_init_model(preset: str = "atto", seed: int = 0, warn: bool = True) -> DDColor:
-    """An explicitly random-initialised model in eval mode, for smoke tests; its colors mean nothing.
-
-    Args:
-        preset: model preset ("atto" is the fastest).
-        seed: seed of the initialisation (the global RNG state is left untouched).
-        warn: log `RANDOM_INIT_WARNING` (callers that show it themselves pass False).
-    """
-    if warn:
-        log.warning(RANDOM_INIT_WARNING.format(preset=preset))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(preset, pretrained=None).eval()
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """Turn "auto" | "cpu" | "cuda[:N]" | "mps" into a `torch.device`; "auto" picks CUDA, then MPS, then CPU.
-
-    Raises:
-        ValueError: an unknown name, or an accelerator that this machine does not have.
-    """
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    kind = device.split(":")[0]
-    if kind not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available here; use --device cpu (or auto)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' requested but Apple MPS is not available here; use --device cpu (or auto)")
-    return torch.device(device)
-
-
+# --- models ---------------------------------------------------------------------------------------------
 def _onnx_network(model: DDColor | str | os.PathLike[str], precision: str, device: torch.device):
     """An onnxruntime network for `Colorizer(engine="onnx")`: an `.onnx` file as is, anything else exported first.
 
@@ -163,7 +99,7 @@ def _onnx_network(model: DDColor | str | os.PathLike[str], precision: str, devic
     if not isinstance(model, DDColor) and str(model).endswith(".onnx"):
         return OnnxColorModel(model, providers=providers)
     if not isinstance(model, DDColor):
-        model = load_colorization_model(model)
+        model = load_generator(model)
     path = Path(tempfile.mkdtemp(prefix="ddcolor-onnx-")) / "model.onnx"
     log.info("exporting the model to ONNX for the onnx engine: %s", path)
     return OnnxColorModel(export_onnx(model, path), providers=providers)
@@ -183,7 +119,8 @@ class Colorizer:
     """Colorize images with a DDColor network (see the module docstring for the pipeline).
 
     Args:
-        model: a `DDColor`, or anything `load_colorization_model` takes (release name, checkpoint path).
+        model: a `DDColor`, or anything `ddcolor.model.load.load_generator` takes (release name, checkpoint path,
+            ``models:/`` URI, ``random-init:PRESET:SEED``).
         input_size: side S of the square network input, px; a multiple of 32. 512 as the official pipeline.
         ab_upsample: "bilinear" (smoother color edges) or "nearest" (reproduces the official pipeline).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
@@ -227,7 +164,7 @@ class Colorizer:
             self.net = _onnx_network(model, precision, self.device)
             return
         if not isinstance(model, DDColor):
-            model = load_colorization_model(model)
+            model = load_generator(model)
         self.net = prepare_for_inference(model, precision).to(self.device)
 
     # core: float sRGB in, float sRGB out

@@ -1,8 +1,8 @@
 """Our own generator checkpoints: `NAME.safetensors` (weights) plus `NAME.json` (architecture config).
 
 The JSON is also embedded in the safetensors metadata, so a lone `.safetensors` file still loads.
-`load_model` is the one entry point that turns "what the user named" into a ready model: an official
-release name, one of our checkpoints, or an official `.pth`.
+`load_model` turns a release name or a file (one of our checkpoints, or an official `.pth`) into a ready model; it is
+the file branch of `ddcolor.model.load.load_generator`, which also takes ``models:/`` URIs and random-init specs.
 """
 
 from __future__ import annotations

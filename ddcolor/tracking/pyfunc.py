@@ -76,13 +76,11 @@ def _make_pyfunc_class() -> type:
         _skip_type_hint_validation = True
 
         def load_context(self, context: Any) -> None:
-            import torch
+            from ddcolor.devices import resolve_device
+            from ddcolor.model.load import load_generator
 
-            from ddcolor.model.checkpoint import load_checkpoint
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.device = torch.device(device)
-            self.model = load_checkpoint(context.artifacts["checkpoint"]).eval().to(self.device)
+            self.device = resolve_device("auto")
+            self.model = load_generator(context.artifacts["checkpoint"], device=self.device)
             self._colorizers: dict[int, Any] = {}
 
         def _colorizer(self, input_size: int) -> Any:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ddcolor.devices import resolve_device
+
 __all__ = [
     "DistInfo",
     "all_gather_object",
@@ -69,30 +71,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} must be an integer (set by torchrun)") from None
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The training device for ``train.device`` (``auto``: CUDA, then MPS, then CPU).
-
-    Under DDP on CUDA each process takes ``cuda:LOCAL_RANK`` (``cuda`` and ``auto`` only; ``cuda:N`` is kept).
-
-    Raises:
-        ValueError: CUDA / MPS requested but not available.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
-        return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("train.device='mps' but MPS is not available; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:

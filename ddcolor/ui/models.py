@@ -8,9 +8,8 @@ A model is named by a *spec* string, the same strings `ddcolor colorize --model`
     runs/exp1/model.safetensors  a checkpoint file (ours, or an official .pth)
     random-init:atto:0           an explicitly random-initialised network (preset, seed): MEANINGLESS colors
 
-Every model goes through `ddcolor.colorize.load_colorization_model` (or `ddcolor.registry.load_registered_generator`
-for ``models:/`` URIs, which is what that function calls) or `random_init_model`, then `Colorizer`, which runs
-`prepare_for_inference`: the pipeline of `ddcolor colorize`, not a second one.
+Every model goes through `ddcolor.model.load.load_generator` (releases, files, ``models:/`` URIs, random-init specs),
+then `Colorizer`, which runs `prepare_for_inference`: the pipeline of `ddcolor colorize`, not a second one.
 
 `ModelCache` keeps a few `Colorizer` objects (LRU, keyed by (spec, input size); aliases are resolved to their version
 first, so ``champion`` and ``models:/NAME/3`` share one entry and a moved alias is never served stale). Each entry
@@ -76,14 +75,12 @@ def parse_random_spec(spec: str) -> tuple[str, int]:
     Raises:
         ModelSpecError: unknown preset or a seed that is not an integer.
     """
-    parts = spec.removeprefix(RANDOM_PREFIX).split(":")
-    preset, seed = parts[0] or "atto", parts[1] if len(parts) > 1 else "0"
-    if preset not in RANDOM_PRESETS or len(parts) > 2 or not seed.lstrip("-").isdigit():
-        raise ModelSpecError(
-            f"bad random-init spec {spec!r}: expected random-init:PRESET:SEED with PRESET one of "
-            f"{', '.join(RANDOM_PRESETS)} and an integer SEED (e.g. random-init:atto:0)"
-        )
-    return preset, int(seed)
+    from ddcolor.model.load import parse_random_init
+
+    try:
+        return parse_random_init(spec)
+    except ValueError as err:
+        raise ModelSpecError(str(err)) from None
 
 
 def random_label(preset: str, seed: int) -> str:
@@ -357,16 +354,11 @@ class ModelCache:
 
     # loading
     def load_network(self, resolved: ResolvedModel):
-        """The `DDColor` (eval mode) behind a resolved spec, through the CLI's loaders."""
-        from ddcolor.colorize import load_colorization_model, random_init_model
-        from ddcolor.registry import load_registered_generator
+        """The `DDColor` (eval mode) behind a resolved spec, through `ddcolor.model.load.load_generator` (a
+        random-init spec logs its RANDOM_INIT_WARNING there)."""
+        from ddcolor.model.load import load_generator
 
-        if resolved.random_init:
-            preset, seed = parse_random_spec(resolved.key)
-            return random_init_model(preset, seed=seed)  # logs RANDOM_INIT_WARNING
-        if resolved.key.startswith("models:/"):
-            return load_registered_generator(resolved.key, tracking_uri=self.tracking_uri)
-        return load_colorization_model(resolved.key)
+        return load_generator(resolved.key, tracking_uri=self.tracking_uri)
 
     def get(self, spec: str, input_size: int) -> CachedModel:
         """The loaded model for (spec, input size): from the cache, or loaded now (once, even under concurrency).
