@@ -245,7 +245,7 @@ class VideoColorizer:
         progress: show a tqdm bar (frames, fps).
         predictor, size, batch_size: the ab predictor (float32 (H, W, 3) frames -> (B, 2, S, S)) used when
             ``colorizer`` is None.
-        cut_threshold: gray-histogram distance that resets the stabiliser (see `TemporalStabilizer`).
+        cut_threshold, min_confidence: when the stabiliser resets (a scene cut; see `TemporalStabilizer`).
     """
 
     def __init__(
@@ -262,6 +262,7 @@ class VideoColorizer:
         size: int | None = None,
         batch_size: int = 1,
         cut_threshold: float = 0.5,
+        min_confidence: float = 0.1,
     ) -> None:
         if temporal not in TEMPORAL_MODES:
             raise ValueError(f"temporal must be one of {TEMPORAL_MODES}, got {temporal!r}")
@@ -284,6 +285,7 @@ class VideoColorizer:
             raise ValueError("give a Colorizer, or a predictor and its size")
         self.temporal, self.strength, self.crf, self.preset = temporal, strength, crf, preset
         self.segment_frames, self.progress, self.cut_threshold = segment_frames, progress, cut_threshold
+        self.min_confidence = min_confidence
         self.encoder = h264_encoder()
 
     # --- settings that make segments reusable ---
@@ -300,6 +302,7 @@ class VideoColorizer:
             "temporal": self.temporal,
             "strength": self.strength if self.temporal == "flow" else 0.0,
             "cut_threshold": self.cut_threshold,
+            "min_confidence": self.min_confidence,
             "crf": self.crf,
             "preset": self.preset,
             "encoder": self.encoder,
@@ -420,7 +423,7 @@ class VideoColorizer:
         done_frames = sum(s["frames"] for s in segments)
         if segments and segments[-1].get("last"):
             return  # everything was encoded; only the mux remains
-        stabilizer = TemporalStabilizer(self.strength if self.temporal == "flow" else 0.0, self.cut_threshold)
+        stabilizer = self._stabilizer()
         if segments:
             with np.load(work / segments[-1]["state"]) as state:
                 stabilizer.load_state(dict(state))
@@ -475,6 +478,10 @@ class VideoColorizer:
         if not segments:
             raise VideoError(src, "no frame could be decoded")
 
+    def _stabilizer(self) -> TemporalStabilizer:
+        strength = self.strength if self.temporal == "flow" else 0.0
+        return TemporalStabilizer(strength, self.cut_threshold, self.min_confidence)
+
     def _stabilised_ab(
         self, rgbs: list[np.ndarray], grays: list[np.ndarray], stabilizer: TemporalStabilizer
     ) -> Iterator[np.ndarray]:
@@ -500,7 +507,7 @@ class VideoColorizer:
         The same prediction and stabilisation as `colorize_video` (the gray for the flow is the Rec.601 luma
         here), without YUV conversion or encoding; used by benchmarks and the playground.
         """
-        stabilizer = TemporalStabilizer(self.strength if self.temporal == "flow" else 0.0, self.cut_threshold)
+        stabilizer = self._stabilizer()
         batch: list[np.ndarray] = []
 
         def flush() -> Iterator[tuple[np.ndarray, bool]]:
