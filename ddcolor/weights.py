@@ -13,15 +13,22 @@ On an air-gapped machine download the file elsewhere and use :func:`import_file`
 which of these commands to run; this module never falls back to random initialisation — callers do that
 only when asked explicitly (``pretrained=None`` / ``pretrained: null``).
 
-Integrity. Every file is sha256-checked, but the expected hash is not known up front for every file:
+Downloads. Files on the Hugging Face Hub (timm ConvNeXt, the DDColor releases) are fetched with
+``huggingface_hub.hf_hub_download`` at the revision in the table, so ``HF_ENDPOINT`` (a mirror), ``HF_TOKEN``
+and offline mode (``HF_HUB_OFFLINE=1``: only the Hugging Face cache is used) work as for any Hub download, and
+a file already in the Hugging Face cache is not downloaded again. Plain URLs (torchvision, pytorch-fid) go
+through ``torch.hub.download_url_to_file`` with the hash prefix of the file name.
+
+Integrity. Every file is sha256-checked against what a trusted source says:
 
 * torchvision and pytorch-fid put the first 8 hex digits of the sha256 in the file name; those are
   recorded as ``sha256_prefix`` and checked on every fetch, import and resolve.
-* For the Hugging Face files (timm ConvNeXt, DDColor releases) the full hash could not be looked up when
-  this table was written, so they use *trust on first use*: the first successful fetch or import records
-  the file's sha256 in a sidecar ``<file>.sha256`` (``sha256sum`` format), and every later
-  :func:`resolve` checks the file against it. This catches corruption and later tampering, not a bad
-  first download. Fill in ``sha256`` in the table once a hash is known from a trusted source.
+* Hub files: the full sha256 comes from the Hub's LFS metadata (the ETag of the LFS object, which names the
+  blob in the Hugging Face cache), checked on fetch.
+* Either way the sha256 is then recorded in a sidecar ``<file>.sha256`` (``sha256sum`` format) and every later
+  :func:`resolve` checks the file against it. Files that did not come through :func:`fetch` (``weights
+  import`` on an air-gapped machine, or a file torchvision cached) have no such source beyond the name prefix:
+  their hash is recorded as first seen. Fill in ``sha256`` in the table once a hash is known.
 
 A file whose hash does not match is a :class:`WeightsIntegrityError` naming the file, the expected and the
 actual hash, and the command that replaces it.
@@ -42,8 +49,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +81,12 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "DDCOLOR_WEIGHTS_DIR"
 _CHUNK = 1 << 20
+HUB_HOST = "https://huggingface.co"
+# Hub revision of every Hub file. TODO: pin commit SHAs: they could not be looked up from the machine this was
+# written on (no internet); "main" follows the repository, and the sha256 check uses the Hub's current metadata.
+HUB_REVISION = "main"
+_HUB_URL = re.compile(r"^(https?://[^/]+)/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Kind = Literal["backbone", "loss", "metric", "ddcolor"]
 DownloadFn = Callable[[str, Path], None]
@@ -114,7 +127,7 @@ def _timm(name: str, description: str) -> WeightSpec:
     return WeightSpec(
         name=name,
         filename=f"timm-{name}.safetensors",
-        url=f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors",
+        url=f"{HUB_HOST}/timm/{name}/resolve/{HUB_REVISION}/model.safetensors",
         license="Apache-2.0",
         description=description,
         kind="backbone",
@@ -137,7 +150,7 @@ def _ddcolor(name: str, variant: str, description: str) -> WeightSpec:
     return WeightSpec(
         name=name,
         filename=f"{name}.pth",
-        url=f"https://huggingface.co/piddnad/DDColor-models/resolve/main/{name}.pth",
+        url=f"{HUB_HOST}/piddnad/DDColor-models/resolve/{HUB_REVISION}/{name}.pth",
         license="Apache-2.0",
         description=description,
         kind="ddcolor",
@@ -253,15 +266,17 @@ def _refetch_hint(spec: WeightSpec) -> str:
     )
 
 
-def _check(spec: WeightSpec, label: str, actual: str, recorded: str | None, hint: str) -> None:
+def _check(spec: WeightSpec, label: str, actual: str, recorded: str | None, hint: str, hub: str | None = None) -> None:
     """Raise :class:`WeightsIntegrityError` unless ``actual`` matches every hash known for ``spec``."""
     expectations = []
+    if hub:
+        expectations.append((hub.lower(), "sha256 from the Hub's LFS metadata"))
     if spec.sha256:
         expectations.append((spec.sha256.lower(), "registry sha256"))
     if spec.sha256_prefix:
         expectations.append((spec.sha256_prefix.lower(), "sha256 prefix from the official file name"))
     if recorded:
-        expectations.append((recorded, "sha256 recorded at first fetch/import"))
+        expectations.append((recorded, "sha256 recorded at fetch/import"))
     for expected, source in expectations:
         if not actual.startswith(expected):
             raise WeightsIntegrityError(
@@ -363,36 +378,107 @@ def status(*, verify: bool = False) -> list[WeightStatus]:
 
 
 # --- filling the cache -----------------------------------------------------------------------------------
-def _urllib_download(url: str, dst: Path) -> None:
-    """Default :data:`DownloadFn`: stream ``url`` into ``dst`` with a tqdm progress bar."""
-    from tqdm.auto import tqdm
-
-    from ddcolor import __version__
-
-    request = urllib.request.Request(url, headers={"User-Agent": f"ddcolor/{__version__}"})
-    with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        desc = url.rsplit("/", 1)[-1]
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc) as bar:
-            while chunk := response.read(_CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
+def hub_location(url: str) -> tuple[str, str, str, str] | None:
+    """``(endpoint, repo_id, revision, filename)`` of a Hub ``.../resolve/...`` URL, else None."""
+    match = _HUB_URL.match(url)
+    return (match.group(1), match.group(2), match.group(3), match.group(4)) if match else None
 
 
-def _install(spec: WeightSpec, tmp: Path, actual: str, origin: str) -> Path:
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_download(spec: WeightSpec, location: tuple[str, str, str, str]) -> tuple[Path, str | None]:
+    """Download (or find in the Hugging Face cache) a Hub file; its path there and the Hub's LFS sha256.
+
+    ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` / ``HF_HOME`` are read at each call
+    (huggingface_hub reads some of them once, at import).
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    host, repo, revision, filename = location
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or host
+    token = os.environ.get("HF_TOKEN", "").strip() or None
+    hf_home = os.environ.get("HF_HOME", "").strip()
+    cache = os.environ.get("HF_HUB_CACHE", "").strip() or (os.path.join(hf_home, "hub") if hf_home else None)
+    offline = _offline()
+    where = f"{endpoint}/{repo} (revision {revision}, file {filename})"
+    try:
+        path = Path(
+            hf_hub_download(
+                repo,
+                filename,
+                revision=revision,
+                endpoint=endpoint,
+                token=token,
+                cache_dir=cache,
+                local_files_only=offline,
+            )
+        )
+    except LocalEntryNotFoundError as err:
+        why = "offline mode (HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache" if offline else err
+        raise OSError(
+            f"Cannot download {spec.name} from {where}: {why}. Set HF_ENDPOINT for a mirror, or download it "
+            f"elsewhere and run `ddcolor weights import FILE --name {spec.name}`."
+        ) from None
+    except (EntryNotFoundError, RepositoryNotFoundError) as err:
+        raise OSError(f"Cannot download {spec.name}: {where} not found ({type(err).__name__}; HF_TOKEN?)") from None
+    # The cache stores a Hub file as blobs/<etag>; for LFS files the etag is the sha256 of the content.
+    blob = path.resolve().name
+    if _SHA256.match(blob):
+        return path, blob
+    if offline:
+        return path, None
+    meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision, endpoint=endpoint), token=token)
+    etag = (meta.etag or "").strip('"').lower()
+    return path, etag if _SHA256.match(etag) else None
+
+
+def _url_download(url: str, dst: Path, hash_prefix: str | None) -> None:
+    """``torch.hub.download_url_to_file`` (progress bar; checks the sha256 prefix of the file name)."""
+    import torch.hub
+
+    try:
+        torch.hub.download_url_to_file(url, str(dst), hash_prefix=hash_prefix, progress=True)
+    except RuntimeError as err:
+        if "invalid hash value" not in str(err):
+            raise
+        raise WeightsIntegrityError(
+            f"Download from {url} fails its sha256 check: {err}. Nothing was written."
+        ) from None
+
+
+def _copy_hashing(src: Path, dst: Path) -> str:
+    """Copy ``src`` to ``dst`` (a hard link when they share a file system) and return the sha256 of the bytes."""
+    try:
+        dst.unlink(missing_ok=True)
+        os.link(src.resolve(), dst)
+        return sha256_file(dst)
+    except OSError:
+        h = hashlib.sha256()
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                h.update(chunk)
+                fout.write(chunk)
+        return h.hexdigest()
+
+
+def _install(spec: WeightSpec, tmp: Path, actual: str, origin: str, hub: str | None = None) -> Path:
     """Check the finished temp file ``tmp`` and atomically move it to its cache path; record its hash.
 
     The temp file must be in the cache directory, so the move is a rename. A new fetch/import is a new
     trust decision, so a previously recorded hash is replaced (with a warning if it differs).
     """
-    _check(spec, origin, actual, None, "Nothing was written to the cache.")
+    _check(spec, origin, actual, None, "Nothing was written to the cache.", hub=hub)
     dst = tmp.parent / spec.filename
     previous = _read_recorded(dst)
     if previous is not None and previous != actual:
         logger.warning("Replacing %s: recorded sha256 was %s, new file is %s", dst, previous, actual)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are 0600; a cache may be shared
+    if tmp.stat().st_nlink == 1:  # not a hard link into the Hugging Face cache
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are 0600; a cache may be shared
     _sidecar(dst).unlink(missing_ok=True)
     os.replace(tmp, dst)
     _write_recorded(dst, actual)
@@ -417,14 +503,15 @@ def fetch(name: str, *, force: bool = False, url: str | None = None, download_fn
     Args:
         name: A key of :data:`REGISTRY`.
         force: Download even if the file is already cached (replaces a corrupt or tampered file).
-        url: Download from here instead of the registry URL (e.g. a mirror, or ``file://`` in tests).
-        download_fn: ``download_fn(url, dst)`` writes the bytes to ``dst``; default: urllib with a
-            progress bar.
+        url: Download from here instead of the registry URL (e.g. a mirror, or ``file://`` in tests); a plain
+            URL download (a Hub mirror is better set with ``HF_ENDPOINT``).
+        download_fn: ``download_fn(url, dst)`` writes the bytes to ``dst``; default: the Hub's
+            ``hf_hub_download`` for Hub files, ``torch.hub.download_url_to_file`` for other URLs.
 
     Raises:
         UnknownWeightsError: ``name`` is not registered.
         WeightsIntegrityError: the download (or, without ``force``, the cached file) fails its check.
-        OSError: the download failed (``urllib.error.URLError`` is an ``OSError``).
+        OSError: the download failed (the message says what to check, or to use ``weights import``).
     """
     spec = get_spec(name)
     directory = cache_dir()
@@ -432,10 +519,23 @@ def fetch(name: str, *, force: bool = False, url: str | None = None, download_fn
         logger.info("%s is already cached; verifying (use force=True to download again)", name)
         return resolve(name)
     source = url or spec.url
+    hub = hub_location(source) if url is None and download_fn is None else None
     logger.info("Downloading %s from %s", name, source)
     tmp = _temp_in(directory, spec.filename)
     try:
-        (download_fn or _urllib_download)(source, tmp)
+        if hub is not None:
+            path, hub_sha256 = _hub_download(spec, hub)
+            origin = f"Download from {os.environ.get('HF_ENDPOINT') or hub[0]}/{hub[1]}@{hub[2]}/{hub[3]}"
+            try:
+                return _install(spec, tmp, _copy_hashing(path, tmp), origin, hub=hub_sha256)
+            except WeightsIntegrityError:  # do not leave a bad blob in the Hugging Face cache to be reused
+                for bad in (path.resolve(), path):
+                    bad.unlink(missing_ok=True)
+                raise
+        if download_fn is not None:
+            download_fn(source, tmp)
+        else:
+            _url_download(source, tmp, spec.sha256_prefix)
         return _install(spec, tmp, sha256_file(tmp), f"Download from {source}")
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
 
@@ -21,10 +22,17 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory = tmp_path / "cache"
     monkeypatch.setenv(weights.ENV_VAR, str(directory))
 
-    def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
+    real_connect = socket.socket.connect
 
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+    def loopback_only(sock, address, *args):
+        if isinstance(address, tuple) and address[0] in ("127.0.0.1", "::1"):
+            return real_connect(sock, address, *args)  # the local test servers below
+        raise AssertionError(f"a test tried to use the network: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    for name in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     return directory
 
 
@@ -305,3 +313,127 @@ def test_cli_import_rejects_bad_hash(tmp_path):
     result = runner.invoke(app, ["weights", "import", str(src)])
     assert result.exit_code == 1
     assert "expected 7be5be79" in result.output
+
+
+# --- downloads from a local server: the Hub protocol (hf_hub_download) and plain URLs (torch.hub) -----------
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def local_server():
+    """A 127.0.0.1 HTTP server: ``files`` maps a path to bytes; ``etags`` optionally overrides a Hub file's LFS
+    sha256 (a lying or corrupted mirror); ``seen`` records (method, path, Authorization)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    files: dict[str, bytes] = {}
+    etags: dict[str, str] = {}
+    seen: list[tuple[str, str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, body: bool) -> None:
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            data = files.get(self.path.split("?")[0])
+            if data is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            sha = etags.get(self.path, hashlib.sha256(data).hexdigest())
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            if "/resolve/" in self.path:  # what the Hub answers for an LFS file
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("ETag", f'"{sha}"')
+                self.send_header("X-Linked-Etag", f'"{sha}"')
+                self.send_header("X-Linked-Size", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def do_GET(self):
+            self._answer(True)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", files, etags, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hub_download_through_hf_endpoint_with_token_and_lfs_sha256(local_server, cache, monkeypatch):
+    base, files, _, seen = local_server
+    content = b"timm weights " * 1000
+    files[f"/timm/convnext_atto.d2_in1k/resolve/{weights.HUB_REVISION}/model.safetensors"] = content
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    path = weights.fetch("convnext_atto.d2_in1k")
+    assert path == cache / "timm-convnext_atto.d2_in1k.safetensors" and path.read_bytes() == content
+    digest = hashlib.sha256(content).hexdigest()
+    assert (cache / "timm-convnext_atto.d2_in1k.safetensors.sha256").read_text().split()[0] == digest
+    files_asked = [(method, p, auth) for method, p, auth in seen if "/resolve/" in p]  # not the client's /api calls
+    route = f"/timm/convnext_atto.d2_in1k/resolve/{weights.HUB_REVISION}/model.safetensors"
+    assert [(m, p) for m, p, _ in files_asked] == [("HEAD", route), ("GET", route)]
+    assert all(auth == "Bearer hf_test_token" for _, _, auth in files_asked)
+    assert weights.resolve("convnext_atto.d2_in1k") == path
+
+    # offline: the Hugging Face cache answers, the server is not asked
+    seen.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert weights.fetch("convnext_atto.d2_in1k", force=True).read_bytes() == content
+    assert [p for _, p, _ in seen if "/resolve/" in p] == []
+    with pytest.raises(OSError, match=r"offline mode.*weights import FILE --name convnext_tiny"):
+        weights.fetch("convnext_tiny.fb_in22k")
+    assert sorted(leftovers(cache)) == [
+        "timm-convnext_atto.d2_in1k.safetensors",
+        "timm-convnext_atto.d2_in1k.safetensors.sha256",
+    ]
+
+
+def test_hub_download_failing_the_lfs_sha256_leaves_nothing(local_server, cache, monkeypatch):
+    base, files, etags, _ = local_server
+    route = f"/piddnad/DDColor-models/resolve/{weights.HUB_REVISION}/ddcolor_paper_tiny.pth"
+    files[route] = b"tampered bytes"
+    etags[route] = "ab" * 32  # what the Hub says the file is
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    with pytest.raises(
+        weights.WeightsIntegrityError, match=r"expected (ab){32} \(sha256 from the Hub's LFS metadata\)"
+    ):
+        weights.fetch("ddcolor_paper_tiny")
+    assert leftovers(cache) == []
+    hub_cache = Path(os.environ["HF_HOME"]) / "hub"
+    assert [p for p in hub_cache.rglob("*") if p.name in ("ab" * 32, "ddcolor_paper_tiny.pth")] == []  # bad blob gone
+
+
+def test_hub_missing_file_is_an_error_naming_the_repo(local_server, cache, monkeypatch):
+    base, _, _, _ = local_server
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    with pytest.raises(OSError, match="piddnad/DDColor-models"):
+        weights.fetch("ddcolor_artistic")
+    assert leftovers(cache) == []
+
+
+def test_plain_url_download_checks_the_hash_prefix(local_server, tmp_path, cache, monkeypatch):
+    base, files, _, seen = local_server
+    content = b"torchvision-like weights"
+    prefix = hashlib.sha256(content).hexdigest()[:8]
+    files["/models/w.pth"] = content
+    registry = {
+        "good": WeightSpec("good", f"w-{prefix}.pth", f"{base}/models/w.pth", sha256_prefix=prefix),
+        "bad": WeightSpec("bad", "w-00000000.pth", f"{base}/models/w.pth", sha256_prefix="00000000"),
+    }
+    monkeypatch.setattr(weights, "REGISTRY", registry)
+    path = weights.fetch("good")
+    assert path.read_bytes() == content and ("GET", "/models/w.pth", None) in seen
+    with pytest.raises(weights.WeightsIntegrityError, match="00000000"):
+        weights.fetch("bad")
+    assert leftovers(cache) == [f"w-{prefix}.pth", f"w-{prefix}.pth.sha256"]
