@@ -12,7 +12,7 @@ Only chrominance comes from the network, so the output keeps the input's full-re
 quantisation and sRGB gamut clipping). Already colored photos are re-colorized from their L.
 
 Public API:
-    Colorizer(model, input_size=512, ab_upsample="bilinear", device="auto", precision="fp32", batch_size=1)
+    Colorizer(model, input_size=512, ab_upsample="bilinear", device="auto", precision="auto", batch_size=1)
         .colorize(image) -> image          numpy uint8 / uint16 / float, (H, W) or (H, W, 1|2|3|4), or PIL image
         .colorize_batch(images) -> list    up to `batch_size` images per forward pass
         .colorize_float(rgbs) -> list      float32 (H, W, 3) sRGB in [0, 1] in and out (the core)
@@ -57,6 +57,7 @@ from ddcolor.model import INPUT_MULTIPLE, DDColor, prepare_for_inference
 from ddcolor.model.load import RANDOM_INIT_WARNING, load_generator
 from ddcolor.model.load import load_generator as load_colorization_model  # the names the CLI, demo and tests use
 from ddcolor.model.load import random_init_generator as random_init_model
+from ddcolor.precision import resolve_precision
 
 __all__ = [
     "AB_RANGE",
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 
 AB_RANGE = (-128.0, 127.0)  # Lab a*, b* are clamped to this range before Lab -> sRGB
 AB_UPSAMPLE_MODES = ("bilinear", "nearest")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where native, else fp32 (ddcolor.precision)
 ENGINES = ("torch", "onnx")  # torch: prepare_for_inference; onnx: onnxruntime on the fp32 export
 
 
@@ -124,7 +125,8 @@ class Colorizer:
         input_size: side S of the square network input, px; a multiple of 32. 512 as the official pipeline.
         ab_upsample: "bilinear" (smoother color edges) or "nearest" (reproduces the official pipeline).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
-        precision: "fp32", "bf16" or "fp16" for the network forward; the color math stays float32.
+        precision: "auto" (bf16 on a GPU/CPU with native bf16, else fp32: `ddcolor.precision`), "fp32", "bf16" or
+            "fp16" for the network forward; the color math stays float32. ``self.precision`` is the resolved one.
         batch_size: images per forward pass in `colorize_batch` / `colorize_float`.
         engine: "torch" (`prepare_for_inference`) or "onnx" (onnxruntime; `model` may also be an `.onnx` file
             from `ddcolor export-onnx`, other models are exported on the fly).
@@ -140,7 +142,7 @@ class Colorizer:
         input_size: int = 512,
         ab_upsample: str = "bilinear",
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         batch_size: int = 1,
         engine: str = "torch",
     ) -> None:
@@ -156,10 +158,12 @@ class Colorizer:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.input_size = input_size
         self.ab_upsample = ab_upsample
-        self.precision = precision
         self.batch_size = batch_size
         self.engine = engine
         self.device = resolve_device(device)
+        if engine == "onnx" and precision == "auto":
+            precision = "fp32"  # the onnx engine runs the fp32 export only
+        self.precision = precision = resolve_precision(precision, self.device)
         if engine == "onnx":
             self.net = _onnx_network(model, precision, self.device)
             return

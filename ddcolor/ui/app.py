@@ -217,7 +217,7 @@ def create_app(
     checkpoints: Sequence[str | Path] = (),
     allow_any_path: bool = True,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     cache_size: int = 3,
     settings: UiSettings | None = None,
     loader: Callable[..., Any] | None = None,
@@ -231,7 +231,8 @@ def create_app(
         allow_any_path: also load checkpoint paths typed into the page (a path names a file on the server: keep it
             off when the app is reachable from other machines).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
-        precision: network precision, "fp32", "bf16" or "fp16".
+        precision: network precision, "auto" (bf16 where the device has native bf16, else fp32), "fp32", "bf16"
+            or "fp16".
         cache_size: loaded (model, input size) pairs kept in memory.
         settings: limits, offered input sizes and the auth token; None = `UiSettings()` with the pixel limit of
             ``config.data.max_image_pixels``.

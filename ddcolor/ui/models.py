@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ddcolor.errors import DDColorError
+
 if TYPE_CHECKING:
     from ddcolor.colorize import Colorizer
     from ddcolor.config import Config
@@ -56,7 +58,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 REGISTRY_PROBE_TIMEOUT_S = 3.0  # an unreachable MLflow server must not hang the page (the client retries for minutes)
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(DDColorError, ValueError):
     """A spec that names no model the playground may load; the message says what may be chosen instead.
 
     Attributes:
@@ -251,7 +253,7 @@ class ModelCache:
         allow_any_path: also load checkpoint paths typed by the user (only sensible on loopback: a path names a file
             on the server).
         device: where the networks run ("auto", "cpu", "cuda", ...).
-        precision: "fp32", "bf16" or "fp16".
+        precision: "auto" (bf16 where the device has native bf16, else fp32), "fp32", "bf16" or "fp16".
         max_entries: how many (model, input size) pairs stay loaded.
         loader: ``loader(resolved) -> DDColor``; default `load_network`. Tests may inject a faster one.
     """
@@ -264,7 +266,7 @@ class ModelCache:
         checkpoints: Sequence[Path] = (),
         allow_any_path: bool = False,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         max_entries: int = 3,
         loader: Callable[[ResolvedModel], Any] | None = None,
     ) -> None:
