@@ -45,6 +45,7 @@ from pydantic import (
     field_validator,
 )
 
+from ddcolor.errors import DDColorError
 from ddcolor.presets import INPUT_MULTIPLE, PRESETS
 
 __all__ = [
@@ -66,7 +67,7 @@ Metric = Literal["fid", "colorfulness", "delta_colorfulness", "psnr", "lpips"]
 Scalar = str | int | float | bool | None
 
 
-class ConfigError(ValueError):
+class ConfigError(DDColorError, ValueError):
     """A bad configuration. The message names the source (file or ``override``), the dotted key and why.
 
     Attributes:

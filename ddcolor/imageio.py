@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from ddcolor.errors import DDColorError
 from ddcolor.storage import write_local_atomic
 
 __all__ = [
@@ -82,7 +83,7 @@ _TIFF_STRUCTURE_TAGS = frozenset(
 )
 
 
-class ImageReadError(Exception):
+class ImageReadError(DDColorError):
     """A file that cannot be used as an input image.
 
     Attributes:

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ddcolor.errors import DDColorError
 from ddcolor.registry import CONFIG_SHA_TAG, DATASET_SHA_TAG, FINGERPRINT_TAG, ChampionInfo, champion_info
 from ddcolor.tracking import client as tracking_client
 from ddcolor.tracking.client import run_url
@@ -98,7 +99,7 @@ FINGERPRINT_IGNORED = frozenset(
 GRID_ARTIFACT_DIR = "samples"  # MLflow run artifact folder of the sample grid
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(DDColorError, RuntimeError):
     """The dataset failed validation; nothing was trained. ``result`` holds every check, ``report_uri`` the report."""
 
     def __init__(self, result: ValidationResult, report_uri: str | None) -> None:

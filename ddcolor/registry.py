@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ddcolor.errors import DDColorError
 from ddcolor.gates import GateDecision, decide
 from ddcolor.tracking import client as tracking_client
 
@@ -79,7 +80,7 @@ DATASET_SHA_TAG = "pipeline.dataset_sha256"
 CONFIG_SHA_TAG = "pipeline.config_sha256"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(DDColorError, RuntimeError):
     """A registry operation cannot be done (no champion, no previous champion, lock not acquired, ...)."""
 
 

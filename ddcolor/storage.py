@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
+from ddcolor.errors import DDColorError
+
 if TYPE_CHECKING:
     from botocore.client import BaseClient
     from fsspec import AbstractFileSystem
@@ -84,7 +86,7 @@ _AUTH_CODES = frozenset(
 _BACKEND_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 
 
-class StorageError(Exception):
+class StorageError(DDColorError):
     """A storage operation failed. The message names the URI, the reason and what to check.
 
     Attributes:

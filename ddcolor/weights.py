@@ -57,6 +57,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from ddcolor.errors import DDColorError
+
 __all__ = [
     "ENV_VAR",
     "REGISTRY",
@@ -188,7 +190,7 @@ REGISTRY: Mapping[str, WeightSpec] = MappingProxyType({s.name: s for s in _SPECS
 
 
 # --- errors ----------------------------------------------------------------------------------------------
-class WeightsError(Exception):
+class WeightsError(DDColorError):
     """Base class of the errors raised by this module."""
 
 

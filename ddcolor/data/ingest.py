@@ -54,6 +54,7 @@ from ddcolor.data.manifest import (
     read_manifest,
 )
 from ddcolor.data.shards import SHARD_SCHEMA, encode_lab, split_for
+from ddcolor.errors import DDColorError
 from ddcolor.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, to_uint
 
 __all__ = [
@@ -88,7 +89,7 @@ MAP_BATCH = 32  # files per `BatchJob` handed to a `map_batches` executor (each 
 _CONFIG_KEYS = ("size", "resize_mode", "val_fraction", "min_colorfulness")
 
 
-class IngestError(Exception):
+class IngestError(DDColorError):
     """A dataset-level problem: a damaged or incompatible dataset at DEST, or a worker process that died."""
 
 

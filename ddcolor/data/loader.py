@@ -75,6 +75,7 @@ from ddcolor import storage
 from ddcolor.color import gray_rgb_from_l
 from ddcolor.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, schema_problems
 from ddcolor.data.shards import L_SCALE, SPLITS
+from ddcolor.errors import DDColorError
 
 __all__ = [
     "MANIFEST_NAME",
@@ -97,7 +98,7 @@ _OPEN_FILES = 8  # Parquet files kept open per process
 _INDEX_THREADS = 8  # shards indexed in parallel (I/O bound)
 
 
-class ShardError(ValueError):
+class ShardError(DDColorError, ValueError):
     """A shard (or the manifest) that cannot be used: unreadable, wrong schema, or a corrupt row.
 
     The message starts with the shard's URI; ``shard`` holds it too (None after crossing a DataLoader worker).

@@ -34,6 +34,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from ddcolor import storage
+from ddcolor.errors import DDColorError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -63,7 +64,7 @@ QUARANTINE_NAME = "quarantine.json"
 QUARANTINE_FORMAT = "ddcolor-quarantine"  # its format_version is FORMAT_VERSION too
 
 
-class ManifestError(ValueError):
+class ManifestError(DDColorError, ValueError):
     """A dataset manifest that cannot be used: missing, not JSON, another format or version, or a bad shard list.
 
     The message starts with the manifest's URI; ``uri`` holds it, ``missing`` is True when there is no file at all.

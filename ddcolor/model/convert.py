@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddcolor.errors import DDColorError
+
 __all__ = ["CheckpointError", "convert_official_state_dict", "load_official", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ _DROPPED: list[tuple[str, str]] = [
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DDColorError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names file and keys."""
 
 

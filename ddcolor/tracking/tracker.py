@@ -54,6 +54,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ddcolor.errors import DDColorError
 from ddcolor.tracking import client as tracking_client
 from ddcolor.tracking.client import health_problem, is_http, redact, use_tracking_uri
 from ddcolor.tracking.context import run_context_tags
@@ -96,7 +97,7 @@ _psutil_warned = False
 _QUIET_MODEL_WARNINGS = (".*An input example was not provided.*",)
 
 
-class TrackingError(RuntimeError):
+class TrackingError(DDColorError, RuntimeError):
     """The tracking server or store cannot be used at start (the message names the URI and what to check)."""
 
 

@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddcolor import storage
 from ddcolor.config import Config
+from ddcolor.errors import DDColorError
 from ddcolor.tracking.context import git_sha
 from ddcolor.train import checkpoint as ckpt
 from ddcolor.train.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, setup_distributed
@@ -67,7 +68,7 @@ MODEL_FILE = "model.safetensors"
 _TERM_NAMES = {"total": "loss_g", "d_total": "loss_d"}
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(DDColorError, RuntimeError):
     """A loss became NaN or infinite; no weight was updated with it.
 
     Attributes:
@@ -89,7 +90,7 @@ class TrainingDivergedError(RuntimeError):
         super().__init__(f"training diverged at step {step}: non-finite {', '.join(bad)} ({shown}); {where}")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(DDColorError, RuntimeError):
     """SIGTERM / SIGINT stopped the run at a step boundary, after a checkpoint of that step was written.
 
     Attributes:
