@@ -247,7 +247,7 @@ def train_step(
         ddcolor.train.TrainingDivergedError, ValueError: training cannot go on (not transient).
     """
     from ddcolor.tracking import start_tracker
-    from ddcolor.train import train
+    from ddcolor.train import TrainingStopped, train
 
     uri = _tracking_uri(tracking_uri)
     tracker = start_tracker(config, run_name=run_name, tracking_uri=uri, tags=tags, dataset_uri=dataset_uri)
@@ -255,7 +255,7 @@ def train_step(
     try:
         result = train(config, dataset_uri, out_dir=out_dir, init=init, tracker=tracker, progress=progress)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingStopped):  # a signal: the run was stopped (and checkpointed), not failed
         status = "KILLED"
         raise
     finally:

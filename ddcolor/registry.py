@@ -17,27 +17,28 @@ Tags written on a model version:
 * on promotion: ``blessing`` (the gate decision as JSON; also written when the gate failed) and
   ``previous_champion`` (the version that was champion before, absent for the first champion).
 
-Concurrency: `promote` and `rollback` hold a registry-wide mutex while they read and move the champion alias. The
-mutex is a registered model named ``<model_name>.promotion-lock``: creating it is an atomic insert on the tracking
-server's database (name is the primary key), so of two racing creators exactly one succeeds and the other waits.
-Guarantee: with an SQL-backed tracking server or store (SQLite, PostgreSQL, MySQL), concurrent promotions from any
-number of processes or hosts are serialized, so the champion alias always ends on a version whose gate passed and
-each ``previous_champion`` tag names the champion it really replaced. A crashed holder leaves the lock behind; it is
-taken over after ``lock_ttl_s`` (default 120 s). Taking over an expired lock is not atomic (two waiters could both
-break it at once), so the guarantee assumes that no promotion runs longer than the TTL.
+Concurrency: `promote` and `rollback` hold the registry-wide promotion lock (`ddcolor.registry_lock`) while they
+read and move the champion alias: a lease renewed by a heartbeat thread, whose takeover after expiry is an atomic
+create of the next *generation* (a registered model ``<model_name>.promotion-lock.<N>``; exactly one racer creates
+it), and whose generation number is a fencing token re-checked immediately before the alias moves. Guarantee: with
+an SQL-backed tracking server or store (SQLite, PostgreSQL, MySQL), concurrent promotions from any number of
+processes or hosts are serialized however long each one takes, so the champion alias always ends on a version whose
+gate passed and each ``previous_champion`` tag names the champion it really replaced. A holder that stalls past the
+TTL (120 s without a heartbeat: crashed, frozen, cut off) is taken over, and when it wakes up its fencing check fails:
+it aborts without moving the alias (`RegistryError`). The one timing assumption left is that the single alias-move
+request after a passed check completes within the TTL, with host clocks within a third of it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ddcolor import registry_lock
 from ddcolor.errors import DDColorError
 from ddcolor.gates import GateDecision, decide
 from ddcolor.tracking import client as tracking_client
@@ -71,9 +72,7 @@ METRIC_TAG_PREFIX = "metric."
 ONNX_TAG = "onnx_artifact"
 BLESSING_TAG = "blessing"
 PREVIOUS_TAG = "previous_champion"
-LOCK_SUFFIX = ".promotion-lock"
-_LOCK_TOKEN_TAG = "lock.token"
-_LOCK_EXPIRES_TAG = "lock.expires"
+LOCK_SUFFIX = registry_lock.LOCK_SUFFIX
 #: Version tags the pipeline writes (`ddcolor.pipeline.Fingerprint.as_tags`) and `champion_info` reads back.
 FINGERPRINT_TAG = "pipeline.fingerprint"
 DATASET_SHA_TAG = "pipeline.dataset_sha256"
@@ -267,66 +266,23 @@ def promotion_lock(
     tracking_uri: str | None = None,
     timeout_s: float = 60.0,
     lock_ttl_s: float = 120.0,
-    poll_s: float = 0.1,
-) -> Iterator[str]:
-    """Hold the registry-wide promotion mutex (see the module docstring); yields the holder's token.
+    poll_s: float = 0.2,
+) -> Iterator[registry_lock.PromotionLease]:
+    """Hold the registry-wide promotion lock (`ddcolor.registry_lock`: a lease renewed by a heartbeat, with a
+    fencing token); yields the lease. Call ``lease.check()`` immediately before moving an alias.
 
     Raises:
-        RegistryError: not acquired within `timeout_s`.
+        RegistryError: not acquired within `timeout_s`, or the lease was lost while held (nothing was moved).
     """
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    lock_name = config.registry.model_name + LOCK_SUFFIX
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.create_registered_model(
-                lock_name,
-                tags={_LOCK_TOKEN_TAG: token, _LOCK_EXPIRES_TAG: repr(time.time() + lock_ttl_s)},
-                description=f"Promotion lock of {config.registry.model_name!r} (transient; safe to delete if stale).",
-            )
-            held = client.get_registered_model(lock_name).tags.get(_LOCK_TOKEN_TAG)
-            if held == token:
-                break
-        except MlflowException as err:
-            if "ALREADY_EXISTS" not in tracking_client.error_code(err):
-                raise
-            _break_if_stale(client, lock_name)
-        if time.monotonic() > deadline:
-            raise RegistryError(
-                f"could not take the promotion lock {lock_name!r} within {timeout_s:g} s (another promotion running, "
-                "or a stale lock: delete that registered model if no promotion is running)"
-            )
-        time.sleep(poll_s)
     try:
-        yield token
-    finally:
-        try:
-            if client.get_registered_model(lock_name).tags.get(_LOCK_TOKEN_TAG) == token:
-                client.delete_registered_model(lock_name)
-            else:  # pragma: no cover - our lock expired and was taken over
-                log.warning("promotion lock %s was taken over while held (promotion ran past its TTL)", lock_name)
-        except MlflowException as err:  # pragma: no cover - lock already gone
-            log.warning("releasing promotion lock %s: %s", lock_name, err)
-
-
-def _break_if_stale(client: MlflowClient, lock_name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tags = client.get_registered_model(lock_name).tags
-        expires = float(tags.get(_LOCK_EXPIRES_TAG, "inf"))
-        if time.time() <= expires:
-            return
-        # re-read right before deleting, so a lock renewed by someone else in between is kept
-        if client.get_registered_model(lock_name).tags.get(_LOCK_TOKEN_TAG) != tags.get(_LOCK_TOKEN_TAG):
-            return
-        log.warning("breaking stale promotion lock %s (expired %.0f s ago)", lock_name, time.time() - expires)
-        client.delete_registered_model(lock_name)
-    except (MlflowException, ValueError):
-        return  # released meanwhile, or unreadable: retry
+        with registry_lock.promotion_lock(
+            _client(tracking_uri), config.registry.model_name, timeout_s=timeout_s, ttl_s=lock_ttl_s, poll_s=poll_s
+        ) as lease:
+            yield lease
+    except registry_lock.LockTimeoutError as err:
+        raise RegistryError(str(err)) from None
+    except registry_lock.LockLostError as err:
+        raise RegistryError(f"{err}; the champion alias was not moved by this promotion, rerun it") from None
 
 
 def promote(
@@ -352,7 +308,7 @@ def promote(
         current = _alias_version(client, name, alias)
         log.info("gate failed: %s version %s not promoted", name, version)
         return Promotion(version, False, str(current.version) if current else None, None)
-    with promotion_lock(config, tracking_uri=tracking_uri, timeout_s=lock_timeout_s):
+    with promotion_lock(config, tracking_uri=tracking_uri, timeout_s=lock_timeout_s) as lease:
         current = _alias_version(client, name, alias)
         previous = str(current.version) if current else None
         if previous == version:
@@ -360,6 +316,13 @@ def promote(
         client.set_model_version_tag(name, version, BLESSING_TAG, decision.to_json())
         if previous is not None:
             client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
+        try:
+            lease.check()  # fencing: still ours, right before the move
+        except registry_lock.LockLostError:
+            if previous is not None:  # the champion we read may be stale: do not leave a wrong chain behind
+                with suppress(Exception):
+                    client.delete_model_version_tag(name, version, PREVIOUS_TAG)
+            raise
         client.set_registered_model_alias(name, alias, version)
     log.info("promoted %s version %s to %s (previous: %s)", name, version, alias, previous)
     return Promotion(version, True, version, previous)
@@ -376,7 +339,7 @@ def rollback(config: Config, *, tracking_uri: str | None = None, lock_timeout_s:
     """
     client = _client(tracking_uri)
     name, alias = config.registry.model_name, config.registry.champion_alias
-    with promotion_lock(config, tracking_uri=tracking_uri, timeout_s=lock_timeout_s):
+    with promotion_lock(config, tracking_uri=tracking_uri, timeout_s=lock_timeout_s) as lease:
         current = _alias_version(client, name, alias)
         if current is None:
             raise RegistryError(f"registered model {name!r} has no {alias!r} alias to roll back")
@@ -386,6 +349,7 @@ def rollback(config: Config, *, tracking_uri: str | None = None, lock_timeout_s:
                 f"{name} version {current.version} ({alias}) has no {PREVIOUS_TAG!r} tag: nothing to roll back to"
             )
         client.get_model_version(name, target)
+        lease.check()  # fencing: still ours, right before the move
         client.set_model_version_tag(name, str(current.version), "rolled_back", "true")
         client.set_registered_model_alias(name, alias, target)
     log.info("rolled back %s %s: version %s -> %s", name, alias, current.version, target)

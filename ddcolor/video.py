@@ -338,7 +338,11 @@ class VideoColorizer:
         work = dst.parent / f".{dst.name}{WORK_SUFFIX}"
         segments = self._reusable_segments(work, src)
         result = VideoResult(str(src), str(dst), encoder=self.encoder, reused_segments=len(segments))
-        self._encode_segments(src, info, work, segments, result)
+        try:
+            self._encode_segments(src, info, work, segments, result)
+        except VideoError:  # a bad input (truncated, corrupt): its segments are of no use to a re-run
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         self._mux(src, info, work, segments, dst, fmt, result)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -464,6 +468,9 @@ class VideoColorizer:
                     flush()
             if batch:
                 flush()
+            missing = info.frames - index if info.frames else 0
+            if missing > 2:  # a couple of frames may legitimately fall outside an edit list
+                raise VideoError(src, f"truncated: decoded {index} of the {info.frames} frames the container announces")
             if writer is not None:
                 segments.append(writer.close(stabilizer.state(), last=True))
             elif segments:  # the stream ended exactly at a segment boundary
@@ -473,8 +480,6 @@ class VideoColorizer:
             bar.close()
             if writer is not None and not writer.closed:
                 writer.abort()
-        if info.frames and index < info.frames:
-            raise VideoError(src, f"truncated: decoded {index} of the {info.frames} frames the container announces")
         if not segments:
             raise VideoError(src, "no frame could be decoded")
 
@@ -692,6 +697,9 @@ def _frame_pts(frame: Any, previous: int | None, stream: Any) -> int:
     return previous + max(1, round(1 / (rate * stream.time_base)))
 
 
+_WRITABLE = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".avi", ".ts", ".m2ts", ".nut"})
+
+
 def _output_format(dst: Path) -> str:
     """The FFmpeg muxer for the output extension (the extension chooses the container)."""
     formats = {
@@ -839,7 +847,10 @@ def colorize_media(
     report.inputs += len(videos)
     sources = {src.resolve() for src, _ in videos}
     for src, relative in videos:
-        target = out if out_is_video else out / relative
+        if out_is_video:
+            target = out
+        else:  # keep the container where it can hold H.264 and its timestamps, else Matroska
+            target = out / (relative if relative.suffix.lower() in _WRITABLE else relative.with_suffix(".mkv"))
         if target.resolve() in sources:
             report.skipped.append(Skipped(str(src), f"output {target} is an input file (choose another -o)"))
             continue

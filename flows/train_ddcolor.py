@@ -48,7 +48,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run as current_flow_run
-from prefect.states import Completed, State
+from prefect.states import Cancelled, Completed, State
 
 from ddcolor import fanout, pipeline, registry
 from ddcolor.config import Config, EnvSettings, load_config
@@ -118,13 +118,25 @@ def fingerprint_task(
 
 @task(name="train", **RETRY)
 def train_task(config: Config, out_dir: str, tags: dict[str, str], nproc_per_node: int, tracking_uri: str):
-    """Retried only when MLflow was unreachable at the start (before any step ran): a diverged run is not."""
+    """Retried only when MLflow was unreachable at the start (before any step ran): a diverged run is not.
+
+    SIGTERM / SIGINT (Prefect cancellation, eviction) stop training after the current step and a checkpoint: the task
+    then ends Cancelled with the trainer's "stopped at step N; resume with ..." line, not a traceback.
+    """
+    from ddcolor.train import TrainingStopped
+
     dataset = config.data.shards_uri
-    if nproc_per_node > 1:
-        return pipeline.train_distributed_step(
-            config, dataset, out_dir=out_dir, nproc_per_node=nproc_per_node, tracking_uri=tracking_uri, tags=tags
+    try:
+        if nproc_per_node > 1:
+            return pipeline.train_distributed_step(
+                config, dataset, out_dir=out_dir, nproc_per_node=nproc_per_node, tracking_uri=tracking_uri, tags=tags
+            )
+        return pipeline.train_step(
+            config, dataset, out_dir=out_dir, tracking_uri=tracking_uri, tags=tags, progress=False
         )
-    return pipeline.train_step(config, dataset, out_dir=out_dir, tracking_uri=tracking_uri, tags=tags, progress=False)
+    except TrainingStopped as stop:
+        get_run_logger().warning("%s", stop)
+        return Cancelled(message=str(stop))
 
 
 @task(name="evaluate", **RETRY)
@@ -263,7 +275,12 @@ def train_ddcolor(
     if not skip:
         logger.info("training: %s", why)
         out_dir = work / "runs" / str(current_flow_run.name or current_flow_run.id)
-        trained = train_task(cfg, str(out_dir), {**fp.as_tags(), **_flow_run_tags()}, nproc_per_node, tracking_uri)
+        trained = train_task(
+            cfg, str(out_dir), {**fp.as_tags(), **_flow_run_tags()}, nproc_per_node, tracking_uri, return_state=True
+        )
+        if trained.is_cancelled():  # stopped by a signal: the flow ends Cancelled with the trainer's line
+            return Cancelled(message=trained.message)
+        trained = trained.result()
         if trained.run_id is None:
             raise RuntimeError("training logged no MLflow run; the flow needs one to gate and register the model")
         _tag_flow_run(f"mlflow_run_id:{trained.run_id}")

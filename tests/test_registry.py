@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +28,7 @@ from ddcolor.registry import (
     register,
     rollback,
 )
+from ddcolor.registry_lock import EXPIRES_TAG, RELEASED_TAG, TOKEN_TAG, lease_state
 
 # --- gates (pure) ----------------------------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ def test_register_and_promote_sets_champion_with_lineage(env, logged_model):
     assert json.loads(run.data.tags["gate.checks"])["passed"] is True
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["gate.md", "onnx"]
     assert [a.path for a in client.list_artifacts(run_id, "onnx")] == ["onnx/generator.onnx"]
-    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")  # lock released
+    assert lease_state(client, name)[RELEASED_TAG] == "true"  # lock released
 
     # a second, better challenger is gated against the champion and replaces it
     _, v2, second = _promote_run(logged_model, cfg, _good(fid=14.0))
@@ -283,7 +291,9 @@ def test_racing_promotions_stay_consistent(env, logged_model):
     holders = [v.version for v in client.search_model_versions(f"name = '{name}'") if "champion" in
                client.get_model_version(name, v.version).aliases]  # fmt: skip
     assert holders == [champion.version]
-    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")
+    state = lease_state(client, name)
+    assert state[RELEASED_TAG] == "true" and state["generation"] >= 3  # one generation per promotion, serialized
+    assert len(client.search_registered_models(f"name LIKE '{name}{LOCK_SUFFIX}.%'")) == 1  # older ones deleted
 
 
 def test_champion_loads_as_pyfunc_and_predicts(env, logged_model, tmp_path):
@@ -359,3 +369,146 @@ def test_cli_gate_and_promote(env, logged_model, tmp_path, monkeypatch):
     assert res.exit_code == 1 and "previous_champion" in res.output
     res = runner.invoke(app, ["promote", "--config", str(params)])
     assert res.exit_code == 2
+
+
+# --- the promotion lock with real processes (#18) --------------------------------------------------------------
+
+_PROMOTER = textwrap.dedent(
+    """
+    # argv: tracking URI, model name, version, ttl, stall ("stall": SIGSTOP itself inside the lock, before the move)
+    import json, os, signal, sys
+    import mlflow
+    from ddcolor.config import load_config
+    from ddcolor.gates import GateDecision
+    from ddcolor import registry
+
+    uri, name, version, ttl, mode = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+    cfg = load_config(None, overrides={"registry.model_name": name})
+    if mode == "stall":
+        original = mlflow.MlflowClient.set_model_version_tag
+
+        def stall_once(self, *args, **kwargs):
+            if not getattr(stall_once, "done", False):
+                stall_once.done = True
+                print("stalling", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)  # frozen, heartbeat included, until the test sends SIGCONT
+            return original(self, *args, **kwargs)
+
+        mlflow.MlflowClient.set_model_version_tag = stall_once
+    real_lock = registry.promotion_lock
+
+    def lock(config, **kwargs):
+        return real_lock(config, **{**kwargs, "lock_ttl_s": ttl, "poll_s": 0.1})
+
+    registry.promotion_lock = lock
+    decision = GateDecision(passed=True, checks=[])
+    try:
+        result = registry.promote(version, decision, cfg, tracking_uri=uri, lock_timeout_s=120)
+    except registry.RegistryError as err:
+        print(json.dumps({"error": str(err)}), flush=True)
+        sys.exit(1)
+    print(json.dumps({"promoted": result.promoted, "previous": result.previous_champion}), flush=True)
+    """
+)
+
+_RACER = textwrap.dedent(
+    """
+    # argv: tracking URI, model name, go file, hold seconds, timeout seconds
+    import json, os, sys, time
+    import mlflow
+    from ddcolor.registry_lock import LockTimeoutError, promotion_lock
+
+    uri, name, go, hold, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_registered_models(max_results=1)  # connection warm
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    try:
+        with promotion_lock(client, name, timeout_s=timeout, ttl_s=60, poll_s=0.05) as lease:
+            start = time.time()
+            time.sleep(hold)
+            lease.check()
+            print(json.dumps({"won": lease.generation, "start": start, "end": time.time()}), flush=True)
+    except LockTimeoutError:
+        print(json.dumps({"won": None}), flush=True)
+    """
+)
+
+
+def _spawn(script: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _last_json(out: str) -> dict:
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.slow
+def test_holder_stalled_past_the_ttl_is_fenced_off(env, logged_model, mlflow_server, tmp_path):
+    """Holder A freezes (SIGSTOP: no heartbeat) inside the lock for longer than the TTL while B waits. B takes over
+    and promotes; when A wakes up, its fencing check fails and it moves nothing: one champion, the chain v0 <- B."""
+    cfg = env
+    name = cfg.registry.model_name
+    _, v0, _ = _promote_run(logged_model, cfg, _good())
+    va, vb = (register(_run(logged_model, _good(f)), None, cfg, attach_onnx=False) for f in (14.9, 14.8))
+    script = tmp_path / "promoter.py"
+    script.write_text(_PROMOTER)
+    a = _spawn(script, mlflow_server.uri, name, va, "3", "stall")
+    deadline = time.monotonic() + 120
+    while not _stopped(a.pid):
+        assert a.poll() is None, a.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "A never stalled inside the lock"
+        time.sleep(0.05)
+    client = _client()
+    held = lease_state(client, name)
+    assert held[TOKEN_TAG] and RELEASED_TAG not in held  # A holds it (frozen)
+    b = _spawn(script, mlflow_server.uri, name, vb, "3", "run")
+    out_b, err_b = b.communicate(timeout=180)  # waits for A's lease (3 s) to expire, then takes over
+    assert b.returncode == 0, err_b[-3000:]
+    assert _last_json(out_b) == {"promoted": True, "previous": v0}
+    assert float(lease_state(client, name)[EXPIRES_TAG]) > 0
+    os.kill(a.pid, signal.SIGCONT)
+    out_a, err_a = a.communicate(timeout=120)
+    assert a.returncode == 1, err_a[-3000:]
+    assert "lease expired" in _last_json(out_a)["error"] or "taken over" in _last_json(out_a)["error"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == vb and champion.tags["previous_champion"] == v0
+    assert "previous_champion" not in client.get_model_version(name, va).tags  # A left no wrong chain behind
+    holders = [v.version for v in client.search_model_versions(f"name = '{name}'") if "champion" in
+               client.get_model_version(name, v.version).aliases]  # fmt: skip
+    assert holders == [vb]
+
+
+@pytest.mark.slow
+def test_three_processes_racing_for_an_expired_lock_one_wins(env, mlflow_server, tmp_path):
+    cfg = env
+    name = cfg.registry.model_name
+    client = _client()
+    # a crashed holder's generation: lease long expired, never released
+    client.create_registered_model(
+        f"{name}{LOCK_SUFFIX}.{1:010d}", tags={TOKEN_TAG: "crashed", EXPIRES_TAG: repr(time.time() - 600)}
+    )
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER)
+    go = tmp_path / "go"
+    racers = [_spawn(script, mlflow_server.uri, name, str(go), "4", "2") for _ in range(3)]
+    for proc in racers:  # all imported and connected, then released at once
+        assert proc.stdout.readline().strip() == "ready", proc.communicate()[1][-3000:]
+    go.touch()
+    results = []
+    for proc in racers:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(_last_json(out))
+    winners = [r for r in results if r["won"] is not None]
+    assert len(winners) == 1 and winners[0]["won"] == 2  # exactly one created generation 2; the others timed out
+    assert lease_state(client, name)["generation"] == 2
+    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}.{1:010d}'")  # the winner cleaned up

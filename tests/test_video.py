@@ -198,7 +198,24 @@ def test_bad_inputs_name_the_file_and_leave_no_output(tmp_path):
         frame.sample_rate, frame.pts = 8000, 0
         for packet in [*sound.encode(frame), *sound.encode(None)]:
             container.mux(packet)
-    cases = {"text.mp4": "not a video", "truncated.mp4": "truncated", "audio.m4a": "no video stream"}
+    # moov first (faststart): the header survives, the frames it announces do not
+    long = make_clip(tmp_path / "long.mkv", frames=30, audio=False)
+    with av.open(str(long)) as source, av.open(str(tmp_path / "fs.mp4"), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.size:
+                packet.stream = stream
+                out.mux(packet)
+    long.unlink()
+    data = (tmp_path / "fs.mp4").read_bytes()
+    (tmp_path / "fs.mp4").unlink()
+    (tmp_path / "cut_short.mp4").write_bytes(data[: len(data) * 6 // 10])
+    cases = {
+        "text.mp4": "not a video",
+        "truncated.mp4": "truncated",
+        "cut_short.mp4": r"truncated: decoded \d+ of the 30 frames",
+        "audio.m4a": "no video stream",
+    }
     video = VideoColorizer(predictor=stub_predictor(32), size=32)
     for name, words in cases.items():
         with pytest.raises(VideoError, match=words) as info:
@@ -221,9 +238,9 @@ def test_bad_inputs_name_the_file_and_leave_no_output(tmp_path):
     colorizer = Identity()
     report = colorize_media(colorizer, [tmp_path / "audio.m4a", tmp_path], tmp_path / "res", video=video)
     failed = {Path(s.path).name: s.reason for s in report.failed}
-    assert set(failed) == {"text.mp4", "truncated.mp4", "audio.m4a"}, failed
+    assert set(failed) == {"text.mp4", "truncated.mp4", "cut_short.mp4", "audio.m4a"}, failed
     assert sorted(Path(src).name for src, _ in report.processed) == ["good.mp4", "photo.png"]
-    assert report.inputs == 5 and (tmp_path / "res" / "good.mp4").is_file()
+    assert report.inputs == 6 and (tmp_path / "res" / "good.mp4").is_file()
 
 
 def test_is_video_sniffs_containers(tmp_path):
