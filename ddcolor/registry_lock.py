@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ddcolor.errors import DDColorError
 from ddcolor.tracking import client as tracking_client
 
 if TYPE_CHECKING:
@@ -56,11 +57,11 @@ HOLDER_TAG = "lock.holder"
 _DIGITS = 10
 
 
-class LockTimeoutError(RuntimeError):
+class LockTimeoutError(DDColorError, RuntimeError):
     """The promotion lock was not acquired in time (another promotion is running, or a lease not yet expired)."""
 
 
-class LockLostError(RuntimeError):
+class LockLostError(DDColorError, RuntimeError):
     """The lease expired or was taken over while held: the holder must not write (fencing)."""
 
 

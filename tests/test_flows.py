@@ -140,6 +140,25 @@ def test_flow_fails_at_validation_for_a_poisoned_dataset(flow, tmp_path, trackin
     assert os.environ["MLFLOW_TRACKING_URI"] == tracking_uri
 
 
+def test_flow_stopped_by_a_signal_ends_cancelled_with_the_trainers_line(flow, tmp_path, monkeypatch):
+    """SIGTERM during training (Prefect cancellation, eviction): the trainer checkpoints and raises TrainingStopped;
+    the train task and the flow end Cancelled with its one line (the real signal path is tested in test_train)."""
+    import signal
+
+    from ddcolor import pipeline
+    from ddcolor.train import TrainingStopped
+
+    def stopped(*args, **kwargs):
+        raise TrainingStopped(4, signal.SIGTERM, str(tmp_path / "checkpoints" / "step_00000004"))
+
+    monkeypatch.setattr(pipeline, "train_step", stopped)
+    params = sections(tmp_path, "flow-stopped")
+    write_samples(params["data"]["source"], IMAGES)
+    state = flow(config_path=None, work_dir=str(tmp_path / "work"), **params, return_state=True)
+    assert state.is_cancelled(), (state.type, state.message)
+    assert state.message.startswith("stopped at step 4; resume with --resume") and "step_00000004" in state.message
+
+
 def _ingest_only(source: str, dest: str, ingest_task_runner: str | None):
     """The flow's ingest task alone, in a flow run (as in `train_ddcolor`), into ``dest``."""
     from ddcolor.config import load_config

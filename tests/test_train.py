@@ -6,8 +6,11 @@ weights cache or network is needed.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from ddcolor.config import load_config
 from ddcolor.data.ingest import ingest
 from ddcolor.data.samples import write_samples
 from ddcolor.model.checkpoint import load_model, save_checkpoint
+from ddcolor.model.convert import CheckpointError
 from ddcolor.train import Trainer, TrainingDivergedError, train
 from ddcolor.train import checkpoint as ckpt
 from ddcolor.train.trainer import METRICS_FILE, MODEL_FILE
@@ -157,6 +161,15 @@ def test_checkpoint_is_complete_and_pointer_last(run):
     assert rank0["loader"]["position"] > 0 and rank0["loader"]["epoch"] >= 0
     assert loaded.ema is not None and set(loaded.ema) == set(loaded.generator)
     assert set(loaded.meta) >= {"config", "generator_config", "losses", "dataset", "git_sha", "files"}
+    # integrity: meta.json records every other file, the pointer every file (meta.json too), as sha256 + size
+    folder = Path(result.checkpoint_dir)
+    pointer = json.loads((root / ckpt.LATEST_NAME).read_text())
+    names = {ckpt.GENERATOR_FILE, ckpt.EMA_FILE, ckpt.DISCRIMINATOR_FILE, ckpt.STATE_FILE}
+    assert set(loaded.meta["files"]) == names and set(pointer["files"]) == names | {ckpt.META_FILE}
+    for name, record in pointer["files"].items():
+        data = (folder / name).read_bytes()
+        assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+        assert name == ckpt.META_FILE or loaded.meta["files"][name] == record
     assert loaded.meta["dataset"]["manifest_sha256"]
     # the checkpoint's generator is a regular model file
     model = load_model(Path(result.checkpoint_dir) / ckpt.GENERATOR_FILE)
@@ -450,3 +463,249 @@ def test_checkpoints_on_s3_prune_and_resume(dataset, tmp_path, s3_env):
     assert ckpt.find_latest(root) == f"{root}/step_00000002"
     more = train(cfg, dataset, out_dir=tmp_path, resume=True, max_steps=3, progress=False, image_every=0)
     assert more.steps == 3 and ckpt.find_latest(root) == f"{root}/step_00000003"
+
+
+# --- checkpoint integrity, fallback, no pickle, failed writes (#18) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(dataset, tmp_path_factory) -> Path:
+    """A 3-step run with a checkpoint at every step (train.keep_last's default of 3 keeps all three)."""
+    out = tmp_path_factory.mktemp("three")
+    train(tiny_config("train.max_steps=3", "train.checkpoint_every=1"), dataset, out_dir=out, progress=False)
+    return out
+
+
+def _copy_run(source: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(source, target)
+    return target
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_newest_checkpoint_falls_back_loudly(three_checkpoints, tmp_path, caplog):
+    run = _copy_run(three_checkpoints, tmp_path)
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000003"]
+    _truncate(root / "step_00000003" / ckpt.GENERATOR_FILE)
+    with caplog.at_level("WARNING"):
+        loaded = ckpt.resume_checkpoint(str(root))
+    assert loaded.step == 2 and [e.step for e in loaded.skipped] == [3]
+    assert loaded.skipped[0].file == ckpt.GENERATOR_FILE and "truncated" in loaded.skipped[0].reason
+    text = caplog.text
+    assert "DAMAGED CHECKPOINT" in text and "step_00000003/generator.safetensors" in text
+    assert "FELL BACK to checkpoint step 2" in text
+    # strict: fails, naming the step, the file and the alternative
+    with pytest.raises(ckpt.CheckpointCorruptError, match=r"checkpoint step 3: .*generator\.safetensors: size") as info:
+        ckpt.resume_checkpoint(str(root), strict=True)
+    assert "plain --resume" in str(info.value)
+    # a bit flip (same size) in step 2's state: caught by the sha256, falls back to step 1
+    _flip_byte(root / "step_00000002" / ckpt.STATE_FILE)
+    loaded = ckpt.resume_checkpoint(str(root))
+    assert loaded.step == 1 and [(e.step, e.file) for e in loaded.skipped] == [
+        (3, ckpt.GENERATOR_FILE),
+        (2, ckpt.STATE_FILE),
+    ]
+    # none intact: one clear error
+    (root / "step_00000001" / ckpt.DISCRIMINATOR_FILE).unlink()
+    with pytest.raises(ckpt.NoIntactCheckpointError, match=r"no intact checkpoint under .*3 damaged"):
+        ckpt.resume_checkpoint(str(root))
+    # an unreadable pointer is damage too; the step folders are still tried
+    (root / ckpt.LATEST_NAME).write_text("{not json")
+    with pytest.raises(ckpt.CheckpointCorruptError, match=r"latest\.json: unreadable"):
+        ckpt.resume_checkpoint(str(root), strict=True)
+
+
+def test_cli_resume_falls_back_and_strict_fails_in_one_line(three_checkpoints, dataset, tmp_path):
+    run = _copy_run(three_checkpoints, tmp_path)
+    root = run / "checkpoints"
+    _truncate(root / "step_00000003" / ckpt.GENERATOR_FILE)
+    base = ["train", "--data", dataset, "--out", str(run), "--no-track", "--no-progress", *TINY, "train.max_steps=3"]
+    strict = CliRunner().invoke(app, [*base, "--resume-strict"])
+    assert strict.exit_code == 1 and "Traceback" not in strict.output
+    assert "checkpoint step 3:" in strict.output and "step_00000003/generator.safetensors" in strict.output
+    resumed = CliRunner().invoke(app, [*base, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in _losses(run)] == [1, 2, 3]  # step 3 trained again from step 2
+    assert ckpt.resume_checkpoint(str(root)).step == 3 and not ckpt.resume_checkpoint(str(root)).skipped
+    # nothing intact: one line, exit 1
+    for folder in root.glob("step_*"):
+        _truncate(folder / ckpt.STATE_FILE)
+    nothing = CliRunner().invoke(app, [*base, "--resume"])
+    assert nothing.exit_code == 1 and "Traceback" not in nothing.output
+    assert "no intact checkpoint under" in nothing.output
+
+
+def test_colorize_refuses_a_damaged_training_generator(three_checkpoints, tmp_path):
+    run = _copy_run(three_checkpoints, tmp_path)
+    generator = run / "checkpoints" / "step_00000003" / ckpt.GENERATOR_FILE
+    load_model(generator)  # intact: loads (and is verified)
+    _flip_byte(generator)
+    with pytest.raises(CheckpointError, match=r"damaged training checkpoint file \(step 3\): sha256 differs"):
+        load_model(generator)
+    write_samples(str(tmp_path / "photos"), count=1)
+    photos = [str(p) for p in sorted((tmp_path / "photos").iterdir())]
+    result = CliRunner().invoke(
+        app, ["colorize", *photos, "--model", str(generator), "-o", str(tmp_path / "out"), "--input-size", "64"]
+    )
+    assert result.exit_code == 1 and "damaged training checkpoint file" in result.output
+    assert "Traceback" not in result.output
+
+
+_MALICIOUS = textwrap.dedent(
+    """
+    import os, pickle, sys
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {sys.argv[2]}",))
+
+    with open(sys.argv[1], "wb") as fh:
+        pickle.dump({"format": "ddcolor-train-state", "payload": Payload()}, fh)
+    """
+)
+
+
+def test_malicious_trainer_state_is_refused_and_not_run(three_checkpoints, tmp_path):
+    run = _copy_run(three_checkpoints, tmp_path)
+    root = run / "checkpoints"
+    folder = root / "step_00000003"
+    marker = tmp_path / "pwned"
+    script = tmp_path / "evil.py"
+    script.write_text(_MALICIOUS)
+    subprocess.run([sys.executable, str(script), str(folder / ckpt.STATE_FILE), str(marker)], check=True)
+    # an attacker who can write the bucket can also fix up the recorded hashes: the refusal must not rely on them
+    data = (folder / ckpt.STATE_FILE).read_bytes()
+    meta = json.loads((folder / ckpt.META_FILE).read_text())
+    meta["files"][ckpt.STATE_FILE] = ckpt.file_record(data)
+    (folder / ckpt.META_FILE).write_text(json.dumps(meta))
+    pointer = json.loads((root / ckpt.LATEST_NAME).read_text())
+    pointer["files"][ckpt.STATE_FILE] = ckpt.file_record(data)
+    pointer["files"][ckpt.META_FILE] = ckpt.file_record((folder / ckpt.META_FILE).read_bytes())
+    (root / ckpt.LATEST_NAME).write_text(json.dumps(pointer))
+
+    with pytest.raises(ckpt.CheckpointCorruptError, match=r"trainer_state\.pt: refused or unreadable, nothing in it"):
+        ckpt.resume_checkpoint(str(root), strict=True)
+    assert not marker.exists()
+    assert ckpt.resume_checkpoint(str(root)).step == 2  # plain --resume skips it like any damaged checkpoint
+    assert not marker.exists()
+
+
+def test_disk_full_midway_keeps_previous_checkpoint_and_resume_works(dataset, tmp_path, monkeypatch):
+    from ddcolor import storage
+
+    real = storage.write_bytes
+
+    def write_bytes(uri, data):
+        if str(uri).endswith(f"step_00000003/{ckpt.STATE_FILE}"):
+            # the real atomic writer, whose write fails half way with ENOSPC
+            def half_then_full(fh):
+                fh.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            return storage._atomic_local(Path(uri), half_then_full, str(uri))
+        return real(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    cfg = tiny_config("train.max_steps=3", "train.checkpoint_every=2")
+    with pytest.raises(ckpt.CheckpointWriteError, match="No space left on device") as info:
+        train(cfg, dataset, out_dir=tmp_path, progress=False, image_every=0)
+    assert "step 3" in str(info.value) and "still points at the intact step 2" in str(info.value)
+    root = tmp_path / "checkpoints"
+    assert json.loads((root / ckpt.LATEST_NAME).read_text())["step"] == 2
+    assert sorted(p.name for p in root.iterdir()) == [ckpt.LATEST_NAME, "step_00000002"]  # no partial step 3
+    assert not list(root.rglob("*.tmp"))
+    monkeypatch.setattr(storage, "write_bytes", real)
+    more = train(cfg, dataset, out_dir=tmp_path, resume=True, progress=False, image_every=0)
+    assert more.steps == 3 and ckpt.resume_checkpoint(str(root)).step == 3
+    assert [r["step"] for r in _losses(tmp_path)] == [1, 2, 3]
+
+
+# --- graceful stop (#20) -------------------------------------------------------------------------------------------
+
+
+def _cli_train(out: Path, dataset: str, overrides: list[str], *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ddcolor.cli", "train", "--data", dataset, "--out", str(out), "--no-track"]
+    return subprocess.Popen(
+        [*cmd, "--no-progress", *extra, *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, timeout: float = 180) -> None:
+    """Until the run has logged a step (metrics.jsonl has a line): the signal then lands inside the loop."""
+    deadline = time.monotonic() + timeout
+    while not ((out / METRICS_FILE).is_file() and (out / METRICS_FILE).read_text().strip()):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, f"no step logged within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_checkpoints_and_resume_is_bit_exact(dataset, tmp_path):
+    overrides = [*TINY, "train.max_steps=8", "train.checkpoint_every=100", "train.ema_decay=0.5"]
+    reference = _cli_train(tmp_path / "ref", dataset, overrides)
+    victim = _cli_train(tmp_path / "run", dataset, overrides)
+    _wait_for_step(victim, tmp_path / "run")
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=300)
+    err = err.decode()
+    assert victim.returncode == 143, err[-3000:]
+    stopped = int(json.loads((tmp_path / "run" / "checkpoints" / ckpt.LATEST_NAME).read_text())["step"])
+    assert 1 <= stopped < 8
+    assert f"stopped at step {stopped}; resume with --resume" in err and "Traceback" not in err
+    assert [r["step"] for r in _losses(tmp_path / "run")] == list(range(1, stopped + 1))
+    assert ckpt.resume_checkpoint(str(tmp_path / "run" / "checkpoints")).step == stopped  # verified checkpoint
+    assert not (tmp_path / "run" / MODEL_FILE).exists()  # stopping is not finishing
+
+    resumed = _cli_train(tmp_path / "run", dataset, overrides, "--resume")
+    for proc in (reference, resumed):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    drop = {"images_per_s"}
+    ref, res = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in res] == [
+        {k: v for k, v in r.items() if k not in drop} for r in ref
+    ]
+    a, b = load_file(tmp_path / "ref" / MODEL_FILE), load_file(tmp_path / "run" / MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = ckpt.load_training_checkpoint(str(tmp_path / "ref" / "checkpoints" / "step_00000008"))
+    b = ckpt.load_training_checkpoint(str(tmp_path / "run" / "checkpoints" / "step_00000008"))
+    assert all(torch.equal(a.discriminator[k], b.discriminator[k]) for k in a.discriminator)
+
+
+@pytest.mark.slow
+def test_sigint_stops_with_130_and_a_second_signal_exits_at_once(dataset, tmp_path):
+    overrides = [*TINY, "train.max_steps=50", "train.checkpoint_every=100"]
+    proc = _cli_train(tmp_path / "a", dataset, overrides)
+    _wait_for_step(proc, tmp_path / "a")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err.decode()[-3000:]
+    assert "stopped at step" in err.decode()
+    # two signals: the second one does not wait for the step (the victim dawdles 30 s in step 4) or a checkpoint
+    script = tmp_path / "runner.py"
+    script.write_text(_RUNNER)
+    proc = _run_script(script, dataset, tmp_path / "b", "victim", overrides)
+    deadline = time.monotonic() + 180
+    while len(_losses(tmp_path / "b") if (tmp_path / "b" / METRICS_FILE).is_file() else []) < 3:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "step 3 not logged within 180 s"
+        time.sleep(0.05)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)  # two signals before the handler ran would count as one
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "second signal (SIGTERM): exiting at once" in err.decode(), err.decode()[-3000:]
+    assert time.monotonic() - started < 20  # not after the 30 s step
+    assert not (tmp_path / "b" / "checkpoints" / ckpt.LATEST_NAME).exists()

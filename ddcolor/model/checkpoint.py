@@ -7,6 +7,7 @@ the file branch of `ddcolor.model.load.load_generator`, which also takes ``model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, fields
@@ -84,16 +85,52 @@ def checkpoint_run_id(path: str | Path) -> str | None:
     return str(run_id) if run_id else None
 
 
+def _verify_training_file(path: Path) -> None:
+    """A generator inside a training checkpoint's step folder (its ``meta.json`` records the file's sha256 and
+    size, `ddcolor.train.checkpoint`): check it before use. Files without such a record are not checked.
+
+    Raises:
+        CheckpointError: the file differs from its record (names the file, the step and what to use instead).
+    """
+    meta_path = path.parent / "meta.json"
+    if not meta_path.is_file():
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s: cannot read %s to verify the file (%s); loading it unverified", path, meta_path.name, err)
+        return
+    files = meta.get("files") if isinstance(meta, dict) else None
+    record = files.get(path.name) if isinstance(files, dict) else None
+    if not isinstance(record, dict):
+        return
+    size = path.stat().st_size
+    if "bytes" in record and size != int(record["bytes"]):
+        problem = f"size {size} bytes, recorded {record['bytes']} (truncated or overwritten)"
+    else:
+        with path.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        problem = "sha256 differs from the recorded one" if digest != record.get("sha256", digest) else None
+    if problem:
+        raise CheckpointError(
+            f"{path}: damaged training checkpoint file (step {meta.get('step', '?')}): {problem}; use another step "
+            f"folder under {path.parent.parent} or the run's model.safetensors"
+        )
+
+
 def load_checkpoint(path: str | Path) -> DDColor:
     """Load one of our `.safetensors` checkpoints (strict: every key and shape must match).
 
+    A generator of a training checkpoint is first checked against the sha256 and size its ``meta.json`` records.
+
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: unreadable file, unknown format version, or keys that do not fit the config.
+        CheckpointError: unreadable or damaged file, unknown format version, or keys that do not fit the config.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _verify_training_file(path)
     try:
         config = _read_config(path)
         state = load_file(str(path), device="cpu")

@@ -52,6 +52,7 @@ from torch import nn
 
 import ddcolor
 from ddcolor import storage
+from ddcolor.errors import DDColorError
 from ddcolor.model.checkpoint import FORMAT_NAME as GENERATOR_FORMAT
 from ddcolor.model.checkpoint import FORMAT_VERSION as GENERATOR_FORMAT_VERSION
 from ddcolor.model.convert import CheckpointError
@@ -109,7 +110,7 @@ class NoIntactCheckpointError(CheckpointError):
     """``--resume`` found checkpoints, but none of them is intact."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(DDColorError, RuntimeError):
     """A checkpoint could not be written (disk full, permissions, S3); the previous checkpoint is untouched."""
 
 
