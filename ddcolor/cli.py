@@ -240,6 +240,81 @@ def colorize_command(
         raise typer.Exit(1)
 
 
+@app.command("colorize-archive")
+def colorize_archive_command(
+    source: Annotated[str, typer.Argument(metavar="SRC", help="Folder or s3://bucket/prefix of images (recursive).")],
+    out: str = typer.Option(..., "--out", "-o", help="Output folder or s3:// prefix (same relative paths)."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="models:/NAME@ALIAS (pinned to its version for the run), a checkpoint or a release."
+    ),
+    task_runner: str | None = typer.Option(
+        None,
+        "--task-runner",
+        help="Run as the colorize-archive Prefect flow on: process, dask[://host:port], ray[://host:port]. "
+        "Default: a local process pool, without Prefect.",
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", min=0, help="Processes (local pool / process runner / temporary dask); default: cores."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Files per task."),
+    input_size: int = typer.Option(512, "--input-size", help="Network resolution, px (multiple of 32)."),
+    ab_upsample: Literal["bilinear", "nearest"] = typer.Option("bilinear", "--ab-upsample"),
+    device: Literal["auto", "cpu", "cuda", "mps"] = typer.Option("auto", "--device"),
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option("auto", "--precision"),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", min=0, help="Decompression-bomb guard per image; 0 = no limit. Default as colorize."
+    ),
+) -> None:
+    """Colorize a whole collection (resumable): outputs keep each input's format, size and metadata; a manifest
+    (DST/colorize-manifest.parquet) accounts for every input; a rerun skips what this model already colorized.
+
+    Exit 0 when every input is colorized or skipped, 1 when some failed (listed), 2 on bad arguments.
+    """
+    from ddcolor import archive, fanout
+    from ddcolor.imageio import default_max_pixels
+
+    limit = default_max_pixels() if max_pixels is None else (max_pixels or None)
+    if task_runner is not None:
+        try:
+            fanout.parse_task_runner(task_runner, "--task-runner")
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--task-runner") from None
+        flow = _load_flow("colorize_archive", "colorize_archive_flow")
+        state = flow(
+            source=source,
+            out=out,
+            model=model,
+            task_runner=task_runner,
+            workers=workers,
+            batch_size=batch_size,
+            input_size=input_size,
+            precision=precision,
+            ab_upsample=ab_upsample,
+            device=device,
+            max_pixels=limit,
+            return_state=True,
+        )
+        if not state.is_completed():
+            typer.echo(f"Error: flow run {state.name}: {state.message}", err=True)
+            raise typer.Exit(1)
+        result = state.result()
+        typer.echo(state.message)
+        if result["failed"]:
+            raise typer.Exit(1)
+        return
+    settings = archive.ColorizeSettings(input_size, ab_upsample, device, precision, limit)
+    try:
+        report = archive.colorize_archive(
+            source, out, model, settings=settings, workers=workers, batch_size=batch_size, progress=True
+        )
+    except (archive.ArchiveError, FileNotFoundError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(1)
+
+
 # --- demo and pipeline ---------------------------------------------------------------------------------
 def _flow_sections(overrides: list[str]) -> dict[str, dict]:
     """``["train.max_steps=50", "model.pretrained=null"]`` -> flow parameters ``{"train": {"max_steps": 50}, ...}``
@@ -257,8 +332,8 @@ def _flow_sections(overrides: list[str]) -> dict[str, dict]:
     return sections
 
 
-def _load_flow():
-    """The `train-ddcolor` flow from this checkout's flows/ (not part of the installed package), on local Prefect.
+def _load_flow(module: str = "train_ddcolor", name: str = "train_ddcolor"):
+    """The flow ``name`` of flows/<module>.py in this checkout (not part of the installed package), on local Prefect.
 
     Without PREFECT_API_URL, Prefect runs a temporary local server on the SQLite database in PREFECT_HOME: it is
     kept in ./.prefect (git-ignored), so `PREFECT_HOME=.prefect prefect server start` shows these runs later.
@@ -268,8 +343,8 @@ def _load_flow():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    if not (root / "flows" / "train_ddcolor.py").is_file():
-        typer.echo(f"Error: no flows/train_ddcolor.py next to {root / 'ddcolor'}; run from a source checkout", err=True)
+    if not (root / "flows" / f"{module}.py").is_file():
+        typer.echo(f"Error: no flows/{module}.py next to {root / 'ddcolor'}; run from a source checkout", err=True)
         raise typer.Exit(1)
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
@@ -280,10 +355,10 @@ def _load_flow():
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     from ddcolor._optional import require
 
-    require("prefect", "mlops", "the train-ddcolor flow")
-    from flows.train_ddcolor import train_ddcolor
+    require("prefect", "mlops", f"the {module.replace('_', '-')} flow")
+    import importlib
 
-    return train_ddcolor
+    return getattr(importlib.import_module(f"flows.{module}"), name)
 
 
 def _pipeline(params: dict, no_prefect: bool, progress: bool):
@@ -402,8 +477,8 @@ def demo_command(
     precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
         "auto",
         "--precision",
-        help="Training (train.amp; fp32 = none) and colorization precision: auto = bf16 on a GPU/CPU with native bf16 "
-        "(AMX, AVX-512-BF16, sm80+), else fp32.",
+        help="Training precision (train.amp; fp32 = none), or with --colorize-only the network's: auto = bf16 on a "
+        "GPU/CPU with native bf16 (AMX, AVX-512-BF16, sm80+), else fp32.",
     ),
     random_init: bool = typer.Option(
         False, "--random-init", help="(--colorize-only) Force a random-init atto model (smoke test)."
@@ -421,31 +496,26 @@ def demo_command(
     if colorize_only:
         _colorize_demo(out, model, input_size, device, precision, random_init)
         return
-    _pipeline_demo(out, steps, force, no_prefect)
+    _pipeline_demo(out, steps, force, no_prefect, precision)
 
 
-def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool) -> None:
+def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool, precision: str = "auto") -> None:
     import time
     from pathlib import Path
 
+    from ddcolor import demo
     from ddcolor.config import EnvSettings
     from ddcolor.data.samples import write_samples
-    from ddcolor.demo import PIPELINE_DEMO_IMAGES, PIPELINE_DEMO_STEPS, pipeline_demo_sections
 
     started = time.monotonic()
-    sections, warnings = pipeline_demo_sections(out, steps=steps or PIPELINE_DEMO_STEPS)
+    params, warnings = demo.pipeline_demo_params(
+        out, steps=steps or demo.PIPELINE_DEMO_STEPS, precision=precision, force=force
+    )  # the whole recipe: never ./params.yaml
+    sections = params
     for warning in warnings:
         typer.echo(f"WARNING: {warning}", err=True)
-    write_samples(sections["data"]["source"], PIPELINE_DEMO_IMAGES)
-    params = {
-        "config_path": "params.yaml" if Path("params.yaml").is_file() else None,
-        "source": None,
-        **sections,
-        "force": force,
-        "work_dir": out,
-        "nproc_per_node": 1,
-        "colorize": True,
-    }
+    typer.echo(demo.estimate_message(demo.pipeline_demo_config(params)))
+    write_samples(sections["data"]["source"], demo.PIPELINE_DEMO_IMAGES)
     result = _pipeline(params, no_prefect, progress=True)
     name = sections["registry"]["model_name"]
     tracking = EnvSettings.from_env().mlflow_tracking_uri

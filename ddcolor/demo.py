@@ -9,17 +9,22 @@ Model: ``--model`` when given; else the official ``ddcolor_paper_tiny`` release 
 an explicit random-init atto model, with a loud warning that its colors are meaningless.
 
 That is the colorize-only demo (``ddcolor demo --colorize-only``). ``ddcolor demo`` runs the whole ``train-ddcolor``
-pipeline first, with the settings of `pipeline_demo_sections` merged onto ``params.yaml``, then colorizes the same
-photos with the champion it promoted (`run_demo` with a loaded model).
+pipeline first, then colorizes the same photos with the champion it promoted (`run_demo` with a loaded model). Its
+recipe is self-contained: `pipeline_demo_params` holds all of it (preset, batch, image sizes, input size, steps,
+precision) on top of the package's built-in defaults, and never reads a ``params.yaml`` from the working directory,
+so ``ddcolor demo`` in an empty folder does what ``make demo`` does. Before training it says how long the run will
+take here, from one timed training step of that recipe (`time_training_step`); the trainer's log lines carry an ETA.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +42,16 @@ __all__ = [
     "SAMPLES",
     "DemoResult",
     "choose_model",
+    "estimate_demo_seconds",
+    "estimate_message",
+    "format_duration",
     "make_grid",
+    "pipeline_demo_config",
+    "pipeline_demo_params",
     "pipeline_demo_sections",
     "run_demo",
     "sample_images",
+    "time_training_step",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,7 +175,7 @@ def run_demo(
     model: str | os.PathLike[str] | DDColor | None = None,
     input_size: int = 256,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     random_init: bool = False,
     samples: Sequence[str] = SAMPLES,
     label: str | None = None,
@@ -177,7 +188,7 @@ def run_demo(
             cached, else random-init atto.
         input_size: network resolution, px (multiple of 32); 256 keeps the CPU run short.
         device: "auto", "cpu", "cuda" or "mps".
-        precision: "fp32", "bf16" or "fp16".
+        precision: "auto" (bf16 where the device has native bf16, else fp32), "fp32", "bf16" or "fp16".
         random_init: force the random-init atto model.
         samples: scikit-image sample names.
         label: what to call the model in the result and the log (default: derived from ``model``).
@@ -216,8 +227,16 @@ def run_demo(
 
 # --- the full-pipeline demo ----------------------------------------------------------------------------------
 
-#: Training steps of ``ddcolor demo``: about 2 minutes of atto at 128 px, bf16, batch 4 on 2 CPU cores (~1.3 s/step).
+#: Training steps of ``ddcolor demo``: about 2 minutes of atto at 128 px, bf16, batch 4 on 2 AMX cores (~1.3 s/step).
 PIPELINE_DEMO_STEPS = 80
+#: The demo's recipe on top of the built-in defaults (`ddcolor.config`), whatever params.yaml the working directory has.
+PIPELINE_DEMO_PRESET = "atto"  # the smallest encoder: the only one that trains in minutes on a CPU
+PIPELINE_DEMO_BATCH = 4  # images per step (official: 16)
+PIPELINE_DEMO_SIZE = 128  # px: training and evaluation images (4x fewer pixels than 256, a step several times faster)
+PIPELINE_DEMO_INPUT_SIZE = 256  # px: network input when the champion colorizes the sample photos
+#: Seconds of ``ddcolor demo`` besides training (Prefect start, samples, ingest, validation, evaluation, registry,
+#: colorizing the photos), measured on a 2-core AMX Xeon; slower CPUs take longer.
+PIPELINE_DEMO_OTHER_S = 40
 #: Built-in sample images ingested by ``ddcolor demo`` (`ddcolor.data.samples`).
 PIPELINE_DEMO_IMAGES = 48
 _BACKBONE_WEIGHTS = ("convnext_atto.d2_in1k", "vgg16_bn")  # encoder init + perceptual loss
@@ -225,7 +244,7 @@ _METRIC_WEIGHTS = ("pt_inception", "alexnet")  # FID + LPIPS
 
 
 def pipeline_demo_sections(
-    out: str | os.PathLike[str] = "demo_out", *, steps: int = PIPELINE_DEMO_STEPS
+    out: str | os.PathLike[str] = "demo_out", *, steps: int = PIPELINE_DEMO_STEPS, amp: str = "auto"
 ) -> tuple[dict[str, dict], list[str]]:
     """Section overrides (``{"data": {...}, "train": {...}, ...}``, JSON-ready flow parameters) that make the
     ``train-ddcolor`` pipeline a few-minute CPU demo, and the warnings to show.
@@ -243,20 +262,22 @@ def pipeline_demo_sections(
         "data": {
             "source": str(out / "data" / "raw"),
             "shards_uri": str(out / "data" / "shards"),
-            "size": 128,  # px: 4x fewer pixels than 256, so a step is several times faster
+            "size": PIPELINE_DEMO_SIZE,
             "val_fraction": 0.1,  # ~5 of 48 images held out for evaluation
             "num_workers": 0,  # 2 cores: loader workers would only compete with training
         },
-        "model": {},
+        "model": {"preset": PIPELINE_DEMO_PRESET, "input_size": PIPELINE_DEMO_INPUT_SIZE},
         "train": {
             "max_steps": steps,
-            "amp": "bf16",  # CPU and CUDA support bf16 autocast
+            "batch_size": PIPELINE_DEMO_BATCH,
+            "grad_accum_steps": 1,
+            "amp": amp,  # auto: bf16 only where the CPU/GPU has it natively (80x slower emulated on AVX2)
             "device": "auto" if torch.cuda.is_available() else "cpu",
             "lr": 5e-4,  # a short schedule: a larger step size than the official 1e-4 shows color sooner
             "log_every": 10,
             "checkpoint_every": steps,
         },
-        "eval": {"image_size": 128, "batch_size": 8},
+        "eval": {"image_size": PIPELINE_DEMO_SIZE, "batch_size": 8},
         "registry": {"model_name": "ddcolor-demo", "experiment_name": "ddcolor-demo"},
         "gates": {"allow_small_fid_sample": True},
     }
@@ -286,3 +307,122 @@ def pipeline_demo_sections(
     else:
         sections["eval"]["metric_weights"] = "cache"
     return sections, warnings
+
+
+def pipeline_demo_params(
+    out: str | os.PathLike[str] = "demo_out",
+    *,
+    steps: int = PIPELINE_DEMO_STEPS,
+    precision: str = "auto",
+    force: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """The whole ``ddcolor demo`` recipe as ``train-ddcolor`` flow parameters, and the warnings to show.
+
+    ``config_path`` is None: the recipe is the package's built-in defaults plus `pipeline_demo_sections`, never a
+    ``params.yaml`` from the working directory (one there must not turn the demo into a large-preset run).
+
+    Args:
+        out: the demo's output folder (data, runs, samples).
+        steps: training steps.
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` for training (``train.amp``; fp32 = none).
+        force: retrain even if the champion has the same data and config.
+    """
+    amp = {"auto": "auto", "fp32": "none", "bf16": "bf16", "fp16": "fp16"}[precision]
+    sections, warnings = pipeline_demo_sections(out, steps=steps, amp=amp)
+    params = {
+        "config_path": None,
+        "source": None,
+        **sections,
+        "force": force,
+        "work_dir": str(out),
+        "nproc_per_node": 1,
+        "colorize": True,
+    }
+    return params, warnings
+
+
+def time_training_step(config: Any) -> float:
+    """Seconds of one training step of ``config``'s recipe on this machine, after one warm-up step.
+
+    The step is the trainer's: generator forward under the resolved ``train.amp``, the four losses, the
+    discriminator, both backward passes and optimizer steps, on random (B, 3, S, S) batches (B =
+    ``train.batch_size``, S = ``data.size``). Weights are random (the speed does not depend on them).
+    """
+    from ddcolor.devices import resolve_device
+    from ddcolor.losses import DDColorLoss, Discriminator, LossWeights, PerceptualLoss
+    from ddcolor.model import build_model_from_config
+    from ddcolor.precision import resolve_amp
+
+    tc, size = config.train, config.data.size
+    device = resolve_device(tc.device)
+    amp = resolve_amp(tc.amp, device)
+    generator = build_model_from_config(config.model.model_copy(update={"pretrained": None})).to(device).train()
+    discriminator = Discriminator(nf=config.model.disc_nf).to(device).train()
+    criterion = DDColorLoss(LossWeights.from_config(tc), PerceptualLoss(pretrained=None)).to(device)
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=tc.lr)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d)
+    g = torch.Generator().manual_seed(0)
+    lightness = torch.rand(tc.batch_size, 1, size, size, generator=g) * 100.0
+    ab = (torch.rand(tc.batch_size, 2, size, size, generator=g) - 0.5) * 60.0
+    gray = gray_rgb_from_l(lightness)
+    lightness, ab, gray = lightness.to(device), ab.to(device), gray.to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            discriminator.requires_grad_(False)
+            pred_ab = generator(gray)
+            loss_g, _ = criterion.generator_loss(pred_ab, lightness, ab, discriminator)
+        loss_g.backward()
+        discriminator.requires_grad_(True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss_d, _ = criterion.discriminator_loss(pred_ab, lightness, ab, discriminator)
+        loss_d.backward()
+        for opt in (opt_g, opt_d):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up: allocations, oneDNN kernel selection
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+def estimate_demo_seconds(config: Any) -> tuple[float, float]:
+    """``(training seconds, whole-demo seconds)`` of ``config`` on this machine: ``train.max_steps`` x one timed
+    step (`time_training_step`) + `PIPELINE_DEMO_OTHER_S` for everything else. A few seconds to run."""
+    training = config.train.max_steps * time_training_step(config)
+    return training, training + PIPELINE_DEMO_OTHER_S
+
+
+def pipeline_demo_config(params: dict[str, Any]) -> Any:
+    """The validated `Config` that the ``train-ddcolor`` flow builds from `pipeline_demo_params` (as the flow does:
+    ``load_config(config_path, section_overrides(...))``)."""
+    from ddcolor.config import load_config
+    from ddcolor.pipeline import section_overrides
+
+    sections = {k: params.get(k) for k in ("data", "validate", "model", "train", "eval", "gates", "registry")}
+    return load_config(params["config_path"], section_overrides(**sections))
+
+
+def estimate_message(config: Any) -> str:
+    """One line for the user before the demo starts: how long it will take here, and on what (times one step)."""
+    from ddcolor.devices import resolve_device
+    from ddcolor.precision import device_description, resolve_amp
+
+    device = resolve_device(config.train.device)
+    training, total = estimate_demo_seconds(config)
+    tc = config.train
+    return (
+        f"this machine ({device_description(device)}, train.amp={tc.amp} -> {resolve_amp(tc.amp, device)}): the demo "
+        f"takes about {format_duration(total)}, of which training {tc.max_steps} steps of {config.model.preset} "
+        f"({config.data.size} px, batch {tc.batch_size}) about {format_duration(training)} (one step timed just now)"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """``95`` -> ``"1 min 35 s"``; ``42`` -> ``"42 s"``."""
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"

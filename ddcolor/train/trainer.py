@@ -142,6 +142,14 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # all devices
 
 
+def _eta(step_seconds: list[float], remaining: int) -> str:
+    """Time left for ``remaining`` steps at the mean step time so far (the first, warm-up step left out once
+    there are others), e.g. ``"1 min 05 s"``."""
+    times = step_seconds[1:] or step_seconds
+    left = round(remaining * sum(times) / len(times)) if times else 0
+    return f"{left // 60} min {left % 60:02d} s" if left >= 60 else f"{left} s"
+
+
 def _flat_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -232,6 +240,7 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step = -1
         self.last_terms: dict[str, float] = {}
+        self._step_seconds: list[float] = []  # this process's step times, for the ETA in the log lines
         self._is_setup = False
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
 
@@ -686,15 +695,17 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=step)
         bar.update(1)
         bar.set_postfix(loss_g=f"{terms.get('loss_g', float('nan')):.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
+        self._step_seconds.append(self.config.train.batch_size / images_per_s)
         if step % self.config.train.log_every == 0 or step == 1:
             shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
             log.info(
-                "step %d/%d | %s | lr %.3g lr_d %.3g | %.1f img/s",
+                "step %d/%d | %s | lr %.3g lr_d %.3g | %.1f img/s | ETA %s",
                 step,
                 self.max_steps,
                 shown,
                 *lrs.values(),
                 images_per_s,
+                _eta(self._step_seconds, self.max_steps - step),
             )
 
     @torch.no_grad()
