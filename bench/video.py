@@ -42,8 +42,8 @@ from ddcolor.video_synth import ab_of, cut_clip, render_clip, skimage_photo, wri
 FRAME_SIZE = (192, 256)  # (h, w) of the synthetic clips
 
 
-def flicker_predictor(gt_frames: np.ndarray, size: int, sigma: float = 6.0, seed: int = 0):
-    """Per-frame "model" = true ab (at S x S) x (1 + N(0, 0.15)) + N(0, sigma) tint + smooth N(0, sigma) field."""
+def flicker_predictor(gt_frames: np.ndarray, size: int, sigma: float = 6.0, gain: float = 0.15, seed: int = 0):
+    """Per-frame "model" = true ab (at S x S) x (1 + N(0, gain)) + N(0, sigma) tint + smooth N(0, sigma) field."""
     rng = np.random.default_rng(seed)
     gt = ab_of(np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in gt_frames]))
     count = iter(range(len(gt)))
@@ -53,7 +53,7 @@ def flicker_predictor(gt_frames: np.ndarray, size: int, sigma: float = 6.0, seed
         for _ in rgbs:
             i = next(count)
             field = cv2.resize(rng.normal(0, sigma, (4, 4, 2)).astype(np.float32), (size, size), cv2.INTER_CUBIC)
-            out.append(gt[i] * (1 + rng.normal(0, 0.15)) + rng.normal(0, sigma, (2, 1, 1)) + field.transpose(2, 0, 1))
+            out.append(gt[i] * (1 + rng.normal(0, gain)) + rng.normal(0, sigma, (2, 1, 1)) + field.transpose(2, 0, 1))
         return np.stack(out).astype(np.float32)
 
     return predict
@@ -103,6 +103,26 @@ def part_flicker(frames: int, size: int, strength: float) -> list[dict]:
                 f"CDC {row['off']['cdc']:.3f} -> {row['flow']['cdc']:.3f}",
                 flush=True,
             )
+    return rows
+
+
+def part_control(frames: int, size: int, strength: float) -> list[dict]:
+    """A per-frame "model" with NO flicker (the true ab): stabilising must not cost accuracy (warp blur, lag)."""
+    rows = []
+    for move in ("pan", "zoom", "rotate"):
+        clip = render_clip(skimage_photo("coffee"), move, frames, FRAME_SIZE)
+        row = {"photo": "coffee", "move": move}
+        for mode in ("off", "flow"):
+            predict = flicker_predictor(clip.frames, size, sigma=0.0, gain=0.0)
+            out, _ = run_frames(VideoColorizer(predictor=predict, size=size, temporal=mode, strength=strength), clip)
+            row[mode] = quality(out, clip)
+        rows.append(row)
+        print(
+            f"  coffee {move:6s} (no flicker) PSNR {row['off']['psnr']:.2f} -> {row['flow']['psnr']:.2f} dB, "
+            f"warp error "
+            f"{row['off']['warp_error']:.2f} -> {row['flow']['warp_error']:.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -191,7 +211,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--net-frames", type=int, default=16, help="frames for part 3 (the network is slow on CPU)")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--parts", default="flicker,cuts,network")
+    parser.add_argument("--parts", default="flicker,control,cuts,network")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default=None, help="write the JSON here")
     args = parser.parse_args()
@@ -220,6 +240,9 @@ def main() -> None:
             "min_psnr_gain": float(np.min([r["flow"]["psnr"] - r["off"]["psnr"] for r in rows])),
         }
         print(f"  summary: {report['flicker_summary']}", flush=True)
+    if "control" in parts:
+        print("1b. control: per-frame model without flicker (the true ab):", flush=True)
+        report["control"] = part_control(args.frames, args.size, args.strength)
     if "cuts" in parts:
         print("2. hard cuts (flickering model):", flush=True)
         report["cuts"] = part_cuts(args.frames, args.size, args.strength)

@@ -386,3 +386,39 @@ def test_resume_after_kill_of_the_cli(tmp_path):
     assert all(ta == tb and np.array_equal(a, b) for (ta, a), (tb, b) in zip(decoded(clean), decoded(dst), strict=True))
     assert packets(dst, "audio") == packets(src, "audio")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no work folder, no temp file
+
+
+# --- playground ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_playground_video_endpoint_side_by_side(tmp_path, monkeypatch):
+    import base64
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ddcolor.config import load_config
+    from ddcolor.ui import UiSettings, create_app
+
+    monkeypatch.setenv("DDCOLOR_WEIGHTS_DIR", str(tmp_path / "weights"))
+    settings = UiSettings(max_upload_bytes=200_000, input_sizes=(32,), default_input_size=32, max_video_seconds=1.0)
+    app = create_app(
+        load_config(None), tracking_uri=f"sqlite:///{tmp_path / 'none.db'}", device="cpu", settings=settings
+    )
+    client = TestClient(app)
+
+    def post(path: Path):
+        files = {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+        return client.post("/api/colorize-video", files=files, data={"model": "random-init:atto:0", "input_size": "32"})
+
+    res = post(make_clip(tmp_path / "short.mp4", frames=8, vfr=False))
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["frames"] == 8 and body["model"]["random_init"]
+    for key in ("per_frame", "stabilised"):
+        (tmp_path / f"{key}.mp4").write_bytes(base64.b64decode(body[key].split(",", 1)[1]))
+        assert len(decoded(tmp_path / f"{key}.mp4")) == 8
+    res = post(make_clip(tmp_path / "long.mp4", frames=40, vfr=False))  # 1.6 s > 1 s
+    assert res.status_code == 422 and "up to 1 s" in res.json()["error"]
+    (tmp_path / "junk.mp4").write_text("junk")
+    res = post(tmp_path / "junk.mp4")
+    assert res.status_code == 422 and res.json()["error"].startswith("junk.mp4: not a video")

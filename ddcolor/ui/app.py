@@ -6,6 +6,8 @@ Endpoints (JSON errors are always ``{"error": "sentence"}``, plus ``"errors": [{
     GET  /api/health            ``{"status": "ok"}``; the only endpoint that needs no token
     GET  /api/models            the catalogue (`ddcolor.ui.models.catalogue`) plus limits, input sizes and samples
     GET  /api/samples/{name}    a bundled sample photo (`ddcolor.demo.SAMPLES`) as a grayscale PNG
+    POST /api/colorize-video    multipart: ``file`` (one short video), ``model``, ``input_size`` -> per-frame and
+                                stabilised MP4 data URLs side by side (`ddcolor.video`; capped size and duration)
     POST /api/colorize          multipart: ``files`` (one or more images), ``model`` (a spec), ``input_size`` (px)
                                 -> ``{"model", "input_size", "results": [{"name", "width", "height", "input",
                                 "output", "download", ...}], "errors": [...], "seconds"}`` with PNG data URLs
@@ -81,6 +83,7 @@ class UiSettings:
         default_input_size: preselected size, px.
         max_pixels: decompression-bomb guard per image (width x height); None = no limit.
         auth_token: the token every request must carry; None = no auth.
+        max_video_seconds: longest video /api/colorize-video accepts (it also obeys ``max_upload_bytes``).
     """
 
     max_upload_bytes: int = 20 * MB
@@ -89,6 +92,7 @@ class UiSettings:
     default_input_size: int = 512
     max_pixels: int | None = None
     auth_token: str | None = None
+    max_video_seconds: float = 10.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -314,6 +318,10 @@ def create_app(
     async def colorize(request: Request) -> JSONResponse:
         return await _colorize(request, cache, settings)
 
+    @app.post("/api/colorize-video")
+    async def colorize_video(request: Request) -> JSONResponse:
+        return await _colorize_video(request, cache, settings)
+
     return app
 
 
@@ -427,6 +435,64 @@ async def _colorize(request: Request, cache: ModelCache, settings: UiSettings) -
     return JSONResponse(
         {"model": model, "input_size": input_size, "results": results, "errors": errors, "seconds": seconds}
     )
+
+
+async def _colorize_video(request: Request, cache: ModelCache, settings: UiSettings) -> JSONResponse:
+    """POST /api/colorize-video: one short video (field ``file``), ``model``, ``input_size`` -> ``{"per_frame",
+    "stabilised"}`` MP4 data URLs (H.264, audio copied) plus ``frames``, ``cuts``, ``seconds``; per-frame and
+    stabilised side by side on the page. Capped at ``max_upload_bytes`` and ``max_video_seconds``."""
+    start = time.perf_counter()
+    form = await request.form(max_files=1, max_fields=32)
+    try:
+        spec = str(form.get("model") or "")
+        input_size = _parse_input_size(form.get("input_size"), settings.default_input_size)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            return _error(400, "no video uploaded: choose a video file (field 'file')")
+        name = upload.filename or "upload"
+        data = await upload.read(settings.max_upload_bytes + 1)
+    finally:
+        await form.close()
+    if len(data) > settings.max_upload_bytes:
+        return _error(413, f"{name}: {_too_large(len(data), settings)}")
+    entry = await run_in_threadpool(cache.get, spec, input_size)
+    try:
+        out = await run_in_threadpool(_video_pair, entry, name, data, settings.max_video_seconds)
+    except ImportError as err:  # the video extra is not installed
+        return _error(501, str(err))
+    except ValueError as err:  # VideoError (a ValueError here) or a bad clip
+        return _error(422, f"{name}: {getattr(err, 'reason', err)}")
+    out["seconds"] = time.perf_counter() - start
+    out["model"] = {"spec": spec, "label": entry.resolved.label, "random_init": entry.resolved.random_init}
+    return JSONResponse(out)
+
+
+def _video_pair(entry: Any, name: str, data: bytes, max_seconds: float) -> dict[str, Any]:
+    """Colorize one uploaded clip twice (``--temporal off`` and ``flow``) under the model's lock."""
+    from ddcolor.video import VideoColorizer, VideoError, probe_video
+
+    with tempfile.TemporaryDirectory(prefix="ddcolor-ui-video-") as tmp:
+        src = Path(tmp) / f"input{Path(name).suffix.lower() or '.mp4'}"
+        src.write_bytes(data)
+        try:
+            info = probe_video(src)
+            rate = float(info.rate) if info.rate else 25.0
+            seconds = info.duration_s or (info.frames / rate if info.frames else 0.0)
+            if seconds > max_seconds:
+                raise VideoError(name, f"{seconds:.1f} s long; the playground takes clips up to {max_seconds:g} s")
+            out: dict[str, Any] = {"name": name, "width": info.width, "height": info.height}
+            with entry.lock:
+                for key, mode in (("per_frame", "off"), ("stabilised", "flow")):
+                    video = VideoColorizer(entry.colorizer, temporal=mode, crf=23, preset="veryfast")
+                    result = video.colorize_video(src, Path(tmp) / f"{mode}.mp4")
+                    encoded = base64.b64encode((Path(tmp) / f"{mode}.mp4").read_bytes()).decode()
+                    out[key] = f"data:video/mp4;base64,{encoded}"
+                    out["frames"], out[f"{key}_fps"] = result.frames, result.fps
+                    if mode == "flow":
+                        out["cuts"] = result.cuts
+        except VideoError as err:
+            raise ValueError(err.reason) from None
+        return out
 
 
 def _too_large(size: int, settings: UiSettings) -> str:

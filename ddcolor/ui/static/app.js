@@ -326,6 +326,35 @@ function downloadAll() {
   for (const link of document.querySelectorAll("#grid a.download")) link.click();
 }
 
+// --- video: per-frame and stabilised side by side --------------------------------------------------------
+async function runVideo() {
+  clearErrors();
+  const file = $("video-file").files[0];
+  if (!file) { showError("no video: choose a short clip"); return; }
+  if (!state.selected.length) { showError("no model: tick a model (the first ticked one colorizes the video)"); return; }
+  const form = new FormData();
+  form.append("file", file);
+  form.append("model", state.selected[0]);
+  form.append("input_size", $("size").value);
+  $("video-status").textContent = `colorizing ${file.name} twice (per-frame, then stabilised)…`;
+  $("run-video").disabled = true;
+  try {
+    const response = await fetch("/api/colorize-video", {method: "POST", body: form});
+    const body = await readJson(response);
+    if (!response.ok) { showError(body.error || `HTTP ${response.status}`); $("video-status").textContent = ""; return; }
+    $("video-per-frame").src = body.per_frame;
+    $("video-stable").src = body.stabilised;
+    $("video-results").hidden = false;
+    $("empty").hidden = true;
+    const cuts = body.cuts.length ? `scene cuts at frames ${body.cuts.join(", ")}` : "no scene cut";
+    $("video-status").textContent = `${body.frames} frames in ${body.seconds.toFixed(1)} s; ${cuts}`;
+  } catch (err) {
+    showError(`video request failed: ${err.message}`);
+  } finally {
+    $("run-video").disabled = false;
+  }
+}
+
 // --- start -----------------------------------------------------------------------------------------------
 document.addEventListener("DOMContentLoaded", () => {
   setupDrop();
@@ -334,5 +363,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("add-model").addEventListener("click", addCustomModel);
   $("custom-model").addEventListener("keydown", (e) => { if (e.key === "Enter") addCustomModel(); });
   $("download-all").addEventListener("click", downloadAll);
+  $("run-video").addEventListener("click", runVideo);
   loadCatalogue().catch((err) => showError(`cannot load the model list: ${err.message}`));
 });
