@@ -117,3 +117,61 @@ def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
     assert loaded.step == 4 and loaded.state["world_size"] == 2
     assert [r["loader"]["rank"] for r in loaded.state["ranks"]] == [0, 1]
     assert all(torch.equal(v, r0["generator"][k]) for k, v in loaded.generator.items())
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Only rank 1 gets SIGTERM: the stop flag's all-reduce at the step boundary makes rank 0 stop at the same step;
+    rank 0 writes the checkpoint of that step and prints the line."""
+    import signal
+    import time
+
+    write_samples(str(tmp_path / "raw"), count=12)
+    dataset = str(tmp_path / "shards")
+    ingest(str(tmp_path / "raw"), dataset, tiny_config(), num_workers=0)
+    out = tmp_path / "out"
+    overrides = [*TINY, "train.batch_size=2", "train.max_steps=200", "train.checkpoint_every=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+            *("-m", "ddcolor.cli", "train", "--data", dataset, "--out", str(out), "--no-track", "--no-progress"),
+            *overrides,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / METRICS_FILE
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[1][-5000:]
+        assert time.monotonic() < deadline, "no step logged within 300 s"
+        time.sleep(0.05)
+    ranks = {_rank_of(pid): pid for pid in _children(proc.pid)}
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0  # torchrun reports the workers' 143
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    stopped = steps[-1]
+    assert stopped < 200 and steps == list(range(1, stopped + 1))
+    assert f"stopped at step {stopped}; resume with --resume" in err  # rank 0's line: it stopped there too
+    loaded = ckpt.resume_checkpoint(str(out / "checkpoints"))
+    assert loaded.step == stopped and loaded.state["world_size"] == 2
+    assert [r["loader"]["rank"] for r in loaded.state["ranks"]] == [0, 1]
+    assert "exitcode" in err and "143" in err
