@@ -709,3 +709,29 @@ def test_sigint_stops_with_130_and_a_second_signal_exits_at_once(dataset, tmp_pa
     assert proc.returncode == 143 and "second signal (SIGTERM): exiting at once" in err.decode(), err.decode()[-3000:]
     assert time.monotonic() - started < 20  # not after the 30 s step
     assert not (tmp_path / "b" / "checkpoints" / ckpt.LATEST_NAME).exists()
+
+
+def test_cli_failures_are_one_or_two_lines_with_exit_1(dataset, tmp_path, monkeypatch):
+    """A diverged run, a missing weight file (train --init, colorize --model): no traceback, the file named."""
+    from ddcolor.losses import DDColorLoss
+
+    base = ["train", "--data", dataset, "--out", str(tmp_path / "run"), "--no-track", "--no-progress", *TINY]
+    missing = CliRunner().invoke(app, [*base, "--init", str(tmp_path / "nope.safetensors")])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert "nope.safetensors" in missing.output and len(missing.output.strip().splitlines()) <= 2
+
+    write_samples(str(tmp_path / "photos"), count=1)
+    photo = str(next((tmp_path / "photos").iterdir()))
+    result = CliRunner().invoke(app, ["colorize", photo, "--model", str(tmp_path / "gone.safetensors"), "-o", "x"])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "gone.safetensors" in result.output
+
+    original = DDColorLoss.generator_loss
+
+    def poisoned(self, pred_ab, l, ab, discriminator):  # noqa: E741
+        total, terms = original(self, pred_ab, l, ab, discriminator)
+        return total * float("nan"), {**terms, "total": (total * float("nan")).detach()}
+
+    monkeypatch.setattr(DDColorLoss, "generator_loss", poisoned)
+    diverged = CliRunner().invoke(app, [*base, "train.max_steps=2"])
+    assert diverged.exit_code == 1 and "Traceback" not in diverged.output
+    assert "training diverged at step 1" in diverged.output and "no checkpoint was written yet" in diverged.output
