@@ -47,7 +47,7 @@ from torch import nn
 
 from ddcolor.model.color_decoder import CrossAttentionLayer
 from ddcolor.model.ddcolor import DDColor, check_gray_rgb_shape
-from ddcolor.model.layers import SpectralNormConv2d
+from ddcolor.model.layers import SpectralNormConv2d, blur_2x2
 
 __all__ = ["PRECISIONS", "InferenceDDColor", "prepare_for_inference"]
 
@@ -112,8 +112,8 @@ def _conv(weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> nn.C
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
-    """Upstream anti-checkerboard blur: replication pad left and top by 1, then 2x2 mean with stride 1."""
-    return F.avg_pool2d(F.pad(x, (1, 0, 1, 0), mode="replicate"), 2, stride=1)
+    """Upstream anti-checkerboard blur (`ddcolor.model.layers.blur_2x2`, compilable on channels-last tensors)."""
+    return blur_2x2(x)
 
 
 def _fold_encoder(backbone: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> bool:

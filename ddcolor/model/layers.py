@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PixelShuffleICNR", "SpectralNormConv2d", "icnr_", "spectral_conv"]
+__all__ = ["AntiCheckerboardBlur", "PixelShuffleICNR", "SpectralNormConv2d", "blur_2x2", "icnr_", "spectral_conv"]
 
 
 class SpectralNormConv2d(nn.Module):
@@ -108,6 +108,27 @@ def spectral_conv(
     return nn.Sequential(*layers)
 
 
+def blur_2x2(x: torch.Tensor) -> torch.Tensor:
+    """Upstream anti-checkerboard blur: replication pad left and top by 1, then 2x2 mean, stride 1; (B,C,H,W) kept.
+
+    Same values as ``AvgPool2d(2, stride=1)(ReplicationPad2d((1, 0, 1, 0))(x))`` (bit-identical forward), but the
+    pad is written as two concatenations of the first row / column: inductor's fake kernel for
+    ``aten.replication_pad2d_backward`` assumes contiguous strides, so ``torch.compile`` of a training step on
+    channels-last tensors failed with a stride assertion (torch 2.14). The backward of a concatenation is a slice
+    sum, equal to the replication pad's up to float summation order.
+    """
+    x = torch.cat([x[:, :, :1], x], dim=2)
+    x = torch.cat([x[:, :, :, :1], x], dim=3)
+    return F.avg_pool2d(x, 2, stride=1)
+
+
+class AntiCheckerboardBlur(nn.Module):
+    """`blur_2x2` as a module (no parameters, so checkpoints are unaffected)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return blur_2x2(x)
+
+
 class PixelShuffleICNR(nn.Module):
     """Upsample x`scale`: 1x1 spectral conv (+BN) -> ReLU -> PixelShuffle -> optional blur.
 
@@ -129,9 +150,7 @@ class PixelShuffleICNR(nn.Module):
         self.conv[0].power_iteration(n_iterations=15)  # re-estimate sigma for the new weight
         self.relu = nn.ReLU(inplace=True)
         self.shuffle = nn.PixelShuffle(scale)
-        self.blur = (
-            nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1)) if blur else nn.Identity()
-        )
+        self.blur = AntiCheckerboardBlur() if blur else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, in, H, W) -> (B, out*s*s, H, W) -> (B, out, s*H, s*W)
