@@ -219,6 +219,7 @@ def decide(
     dataset_sha256: str | None = None,
     eval_config_sha256: str | None = None,
     comparison: str | None = None,
+    comparison_problem: str | None = None,
 ) -> GateDecision:
     """Apply the enabled gates to the challenger's `metrics` (and the champion's, when there is one).
 
@@ -232,6 +233,8 @@ def decide(
         paired: per-image comparisons on the same images (`ddcolor.stats.paired_deltas`); the per-image
             ``*_vs_champion`` checks use them (means, delta, interval) instead of the recorded means.
         dataset_sha256, eval_config_sha256, comparison: what both models were measured on, recorded in the decision.
+        comparison_problem: why the champion could not be measured on the same data; every ``*_vs_champion``
+            check then fails with it (stale numbers are not compared).
     """
     values = normalize_metrics(metrics)
     n = values.get("n_images")
@@ -263,6 +266,10 @@ def decide(
         for name, attr, metric, op, sign in _RELATIVE:
             margin = getattr(gates, attr)
             if margin is None:
+                continue
+            if comparison_problem:
+                reason = f"champion not measured on the same data: {comparison_problem}"
+                checks.append(GateCheck(name, metric, values.get(metric), None, None, False, "vs_champion", op, reason))
                 continue
             checks.append(
                 _relative(name, metric, op, sign, margin, values, champion, (paired or {}).get(metric), gates)

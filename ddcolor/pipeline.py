@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ddcolor.errors import DDColorError
+from ddcolor.launch import Rendezvous
 from ddcolor.registry import CONFIG_SHA_TAG, DATASET_SHA_TAG, FINGERPRINT_TAG, ChampionInfo, champion_info
 from ddcolor.tracking import client as tracking_client
 from ddcolor.tracking.client import run_url
@@ -272,8 +273,11 @@ def torchrun_command(
     *,
     run_name: str | None = None,
     python: str = sys.executable,
+    rendezvous: Rendezvous | None = None,
 ) -> list[str]:
-    """``torchrun --standalone --nproc_per_node N -m ddcolor.cli train ...`` for one multi-GPU node.
+    """``torchrun --standalone --nproc_per_node N -m ddcolor.cli train ...`` for one multi-GPU node; with a
+    multi-node `ddcolor.launch.Rendezvous`, ``torchrun --nnodes M --node_rank R --rdzv_backend c10d
+    --rdzv_endpoint HOST:PORT --rdzv_id ID ...`` (every node runs it with its own node rank).
 
     ``torchrun`` is the script installed next to `python` when present, else ``python -m torch.distributed.run``
     (the same program).
@@ -284,9 +288,7 @@ def torchrun_command(
     launcher = [str(script)] if script.is_file() else [python, "-m", "torch.distributed.run"]
     cmd = [
         *launcher,
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc_per_node),
+        *(rendezvous or Rendezvous()).torchrun_args(nproc_per_node),
         "-m",
         "ddcolor.cli",
         "train",
@@ -313,9 +315,12 @@ def train_distributed_step(
     tracking_uri: str | None = None,
     tags: Mapping[str, Any] | None = None,
     run_name: str | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> TrainResult:
     """Train with `torchrun_command` (DDP over `nproc_per_node` processes): the resolved config is written to
     ``out_dir/params.resolved.yaml``, rank 0's MLflow run id is read from the command's output, then `tags` are set.
+    ``rendezvous``: this node's part of a multi-node run (the other nodes run the same command with their own node
+    rank, e.g. the pods of infra/k8s/examples/train-multinode-job.yaml); None: one node.
 
     Raises:
         RuntimeError: the command failed (its exit code and the last output lines).
@@ -326,7 +331,7 @@ def train_distributed_step(
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "params.resolved.yaml"
     config_path.write_text(config.to_yaml())
-    cmd = torchrun_command(config_path, dataset_uri, out, nproc_per_node, run_name=run_name)
+    cmd = torchrun_command(config_path, dataset_uri, out, nproc_per_node, run_name=run_name, rendezvous=rendezvous)
     env = dict(os.environ, MLFLOW_TRACKING_URI=_tracking_uri(tracking_uri))
     log.info("train: %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -364,7 +369,13 @@ def evaluate_step(
 
     ``eval.metric_weights: random`` uses random-init Inception/AlexNet, with a loud warning: FID and LPIPS are then
     meaningless (offline demos and smoke tests only).
+
+    Then, when there is a champion whose recorded evaluation is of other data (or other eval settings), the champion
+    is evaluated on the same val split with the very same metric networks and the result cached on its version
+    (`ddcolor.comparison.champion_on_same_data`), so that the gate compares like with like. A failure there is only
+    logged: the gate then fails its champion checks with the reason.
     """
+    from ddcolor.comparison import champion_on_same_data, metric_networks
     from ddcolor.evaluate import evaluate
     from ddcolor.model.checkpoint import load_model
     from ddcolor.tracking import start_tracker
@@ -378,16 +389,25 @@ def evaluate_step(
         )
         pretrained = None
     network = load_model(checkpoint_path)
+    networks = metric_networks(config)  # one set for the challenger and the champion
     tracker = start_tracker(config, run_id=run_id, tracking_uri=tracking_uri)
     status = "FAILED"
     try:
         result = evaluate(
-            network, dataset_uri, config, pretrained=pretrained, tracker=tracker, out_dir=out_dir, progress=progress
-        )
+            network, dataset_uri, config, pretrained=pretrained, tracker=tracker, out_dir=out_dir, progress=progress,
+            metric_networks=networks,
+        )  # fmt: skip
         status = "FINISHED"
     finally:
         tracker.finish(status)
     log.info("evaluate: %d images: %s", result.n_images, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+    identity = (result.protocol["dataset_manifest_sha256"], result.protocol["eval_config_sha256"])
+    try:
+        champion_on_same_data(
+            config, identity, dataset_uri, tracking_uri=tracking_uri, networks=networks, progress=progress
+        )
+    except Exception as err:
+        log.warning("could not evaluate the champion on this val split (the gate will say so): %s", err)
     return result
 
 
@@ -410,12 +430,13 @@ def promote_step(
     tracking_uri: str | None = None,
     attach_onnx: bool = True,
 ) -> PromotionOutcome:
-    """Gate the run's ``val/*`` metrics (thresholds + vs champion), register its model (alias challenger, tagged
+    """Gate the run's ``val/*`` metrics (thresholds + vs the champion measured on the same val split,
+    ``data.shards_uri``), register its model (alias challenger, tagged
     with the fingerprint), and move the champion alias to it when the gate passed."""
     from ddcolor.registry import gate_run, promote, register
 
     uri = _tracking_uri(tracking_uri)
-    decision = gate_run(run_id, config, tracking_uri=uri)
+    decision = gate_run(run_id, config, tracking_uri=uri, dataset_uri=config.data.shards_uri)
     version = register(run_id, None, config, tracking_uri=uri, attach_onnx=attach_onnx)
     client = _client(uri)
     for key, value in fp.as_tags().items():
@@ -722,7 +743,7 @@ def run_pipeline(
         result.status = "promoted" if outcome.promoted else "not_promoted"
         result.reason = outcome.reason
         result.run_id, result.run_url = trained.run_id, run_url(trained.run_id, tracking_uri=uri)
-        result.metrics = dict(evaluated.metrics)
+        result.metrics = {**evaluated.metrics, "n_images": evaluated.n_images}
         result.decision, result.gate_table = outcome.decision.to_dict(), outcome.decision.table()
         result.model_version, result.champion_version = outcome.version, outcome.champion_version
     else:

@@ -57,6 +57,7 @@ __all__ = [
     "RegistryError",
     "champion_info",
     "champion_metrics",
+    "champion_version",
     "gate_run",
     "promote",
     "register",
@@ -170,7 +171,7 @@ def register(
             lineage[key] = tags[key]
     if "git.commit" not in lineage and "mlflow.source.git.commit" in tags:
         lineage["git.commit"] = tags["mlflow.source.git.commit"]
-    lineage.update({k: v for k, v in tags.items() if k.startswith("dataset.")})
+    lineage.update({k: v for k, v in tags.items() if k.startswith(("dataset.", "eval."))})
     lineage.update({f"{METRIC_TAG_PREFIX}{k.removeprefix('val/')}": repr(float(v)) for k, v in metrics.items()})
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     # A SQL store's create_model_version looks the logged model up through MLflow's process-wide URI, not the client's
@@ -222,6 +223,11 @@ def champion_metrics(config: Config, *, tracking_uri: str | None = None) -> tupl
     return str(mv.version), version_metrics(mv)
 
 
+def champion_version(config: Config, *, tracking_uri: str | None = None) -> Any | None:
+    """The champion's MLflow ``ModelVersion`` (tags included), or None when there is no champion."""
+    return _alias_version(_client(tracking_uri), config.registry.model_name, config.registry.champion_alias)
+
+
 def champion_info(config: Config, *, tracking_uri: str | None = None) -> ChampionInfo | None:
     """The champion of ``registry.model_name`` (alias ``registry.champion_alias``) with its pipeline tags, or None
     when there is none."""
@@ -241,17 +247,32 @@ def gate_run(
     metrics: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
     log_to_run: bool = True,
+    dataset_uri: str | None = None,
 ) -> GateDecision:
-    """Decide the gates for a run (its ``val/*`` metrics, or `metrics`) against the current champion.
+    """Decide the gates for a run (its ``val/*`` metrics, or `metrics`) against the current champion measured on the
+    same val split (`ddcolor.comparison.compare_with_champion`: recorded, cached, or evaluated now on `dataset_uri`,
+    default the run's ``eval.dataset_uri`` tag), per-image metrics paired on the same images.
 
     With `log_to_run`, the run gets tags ``gate.passed`` (``true``/``false``) and ``gate.checks`` (JSON of the
     decision) and a ``gate.md`` artifact (the Markdown table).
     """
+    from ddcolor.comparison import compare_with_champion
+
     client = _client(tracking_uri)
     if metrics is None:
         metrics = run_metrics(run_id, tracking_uri=tracking_uri)
-    champ = champion_metrics(config, tracking_uri=tracking_uri)
-    decision = decide(metrics, config.gates, champ[1] if champ else None, champion_version=champ[0] if champ else None)
+    cmp = compare_with_champion(run_id, config, metrics=metrics, dataset_uri=dataset_uri, tracking_uri=tracking_uri)
+    decision = decide(
+        metrics,
+        config.gates,
+        None if cmp.champion_version is None else (cmp.champion.metrics if cmp.champion else {}),
+        champion_version=cmp.champion_version,
+        paired=cmp.paired,
+        dataset_sha256=cmp.challenger.dataset_sha256,
+        eval_config_sha256=cmp.challenger.eval_config_sha256,
+        comparison=cmp.describe(),
+        comparison_problem=cmp.problem,
+    )
     if log_to_run:
         client.set_tag(run_id, "gate.passed", "true" if decision.passed else "false")
         client.set_tag(run_id, "gate.checks", decision.to_json())

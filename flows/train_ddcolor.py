@@ -53,6 +53,7 @@ from prefect.states import Cancelled, Completed, State
 from ddcolor import fanout, pipeline, registry
 from ddcolor.config import Config, EnvSettings, load_config
 from ddcolor.fanout import TASK_RUNNERS
+from ddcolor.launch import Rendezvous
 from ddcolor.tracking import client as tracking_client
 
 fanout.pickle_flow_module_by_value(__name__)  # Dask/Ray workers get this flow with each task; they lack `flows`
@@ -117,7 +118,14 @@ def fingerprint_task(
 
 
 @task(name="train", **RETRY)
-def train_task(config: Config, out_dir: str, tags: dict[str, str], nproc_per_node: int, tracking_uri: str):
+def train_task(
+    config: Config,
+    out_dir: str,
+    tags: dict[str, str],
+    nproc_per_node: int,
+    tracking_uri: str,
+    rendezvous: Rendezvous | None = None,
+):
     """Retried only when MLflow was unreachable at the start (before any step ran): a diverged run is not.
 
     SIGTERM / SIGINT (Prefect cancellation, eviction) stop training after the current step and a checkpoint: the task
@@ -127,9 +135,15 @@ def train_task(config: Config, out_dir: str, tags: dict[str, str], nproc_per_nod
 
     dataset = config.data.shards_uri
     try:
-        if nproc_per_node > 1:
+        if nproc_per_node > 1 or (rendezvous is not None and not rendezvous.standalone):
             return pipeline.train_distributed_step(
-                config, dataset, out_dir=out_dir, nproc_per_node=nproc_per_node, tracking_uri=tracking_uri, tags=tags
+                config,
+                dataset,
+                out_dir=out_dir,
+                nproc_per_node=nproc_per_node,
+                tracking_uri=tracking_uri,
+                tags=tags,
+                rendezvous=rendezvous,
             )
         return pipeline.train_step(
             config, dataset, out_dir=out_dir, tracking_uri=tracking_uri, tags=tags, progress=False
@@ -152,7 +166,7 @@ def evaluate_task(
         out_dir=out_dir,
         progress=False,
     )
-    return dict(result.metrics)
+    return {**result.metrics, "n_images": result.n_images}
 
 
 @task(name="promote", **RETRY)
@@ -220,6 +234,10 @@ def train_ddcolor(
     nproc_per_node: int = 1,
     colorize: bool = True,
     ingest_task_runner: str | None = None,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
 ) -> State:
     """Retrain DDColor when data or config changed; promote the model if it passes the gates (see module docstring).
 
@@ -230,6 +248,9 @@ def train_ddcolor(
         force: train even when the champion has the same data and config.
         work_dir: local folder for reports, training outputs and the sample grid.
         nproc_per_node: GPUs (processes) for ``torchrun`` DDP training; 1 = train in the task's process.
+        nnodes, node_rank, rdzv_endpoint, rdzv_id: multi-node training (`ddcolor.launch.Rendezvous`, c10d): this
+            flow run is node ``node_rank`` of ``nnodes``; the other nodes run the same torchrun command (e.g. the
+            pods of infra/k8s/examples/train-multinode-job.yaml). rdzv_id defaults to the flow run's id.
         colorize: colorize the sample photos with the champion at the end.
         ingest_task_runner: fan ingestion out as ``prepare-batch`` tasks on this task runner: ``thread``,
             ``process``, ``dask`` (a local cluster) or ``dask://host:port``, ``ray`` or ``ray://host:port``
@@ -249,6 +270,7 @@ def train_ddcolor(
     cfg = load_config(config_path, overrides)  # a bad key fails the run here, before any work
     if ingest_task_runner:
         build_ingest_task_runner(ingest_task_runner)  # so does an unknown or missing task runner
+    rendezvous = Rendezvous(nnodes, node_rank, rdzv_endpoint, run_id=rdzv_id or str(current_flow_run.id))
     tracking_uri = EnvSettings.from_env().mlflow_tracking_uri  # read once; every task gets it explicitly
     work = Path(work_dir)
 
@@ -276,7 +298,13 @@ def train_ddcolor(
         logger.info("training: %s", why)
         out_dir = work / "runs" / str(current_flow_run.name or current_flow_run.id)
         trained = train_task(
-            cfg, str(out_dir), {**fp.as_tags(), **_flow_run_tags()}, nproc_per_node, tracking_uri, return_state=True
+            cfg,
+            str(out_dir),
+            {**fp.as_tags(), **_flow_run_tags()},
+            nproc_per_node,
+            tracking_uri,
+            rendezvous,
+            return_state=True,
         )
         if trained.is_cancelled():  # stopped by a signal: the flow ends Cancelled with the trainer's line
             return Cancelled(message=trained.message)

@@ -85,3 +85,80 @@ def test_small_fid_sample_fails_with_the_reason_unless_allowed():
     allowed = decide({"fid": 10.0, "n_images": 4}, gates.model_copy(update={"allow_small_fid_sample": True}))
     assert allowed.passed and "SMALL SAMPLE: 4 < 2048" in allowed.checks[0].reason
     assert decide({"fid": 10.0, "n_images": 2048}, gates, None).passed
+
+
+# --- same-data comparison (tiny random-init models, SQLite MLflow) -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gate_measures_champion_and_challenger_on_the_new_dataset_version(tmp_path):
+    """Champion trained on dataset v1; 10 photos ingested; the challenger trained on v2 is gated against the
+    champion re-evaluated on v2 (cached on its version), paired on the same images; a run whose data the champion
+    cannot be measured on fails its champion checks instead of being compared with stale numbers."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+    from conftest import TINY_RECIPE, dotted, make_random_images
+
+    from ddcolor import pipeline
+    from ddcolor.comparison import CACHE_TAG_PREFIX, cache_key
+    from ddcolor.config import load_config
+    from ddcolor.data.samples import write_samples
+    from ddcolor.registry import gate_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        None,
+        {
+            **dotted(TINY_RECIPE),
+            "data.source": str(tmp_path / "raw"),
+            "data.shards_uri": str(tmp_path / "shards"),
+            "eval.max_images": None,  # the whole val split, so new images change what is measured
+            "registry.model_name": "same-data",
+            "registry.experiment_name": "same-data",
+        },
+    )
+    write_samples(cfg.data.source, 8)
+    run = dict(work_dir=tmp_path / "work", tracking_uri=uri, progress=False, attach_onnx=False, colorize=False)
+    first = pipeline.run_pipeline(cfg, **run)
+    assert first.status == "promoted", first.summary()
+    v1 = first.dataset["manifest_sha256"]
+
+    make_random_images(Path(cfg.data.source), 10, start_seed=7000)
+    cfg = cfg.with_overrides({"gates.min_psnr": 1000.0})  # the challenger is judged but never promoted
+    second = pipeline.run_pipeline(cfg, **run)
+    v2 = second.dataset["manifest_sha256"]
+    assert v2 != v1 and second.model_version == "2" and second.status == "not_promoted", second.summary()
+    decision = second.decision
+    assert decision["dataset_sha256"] == v2  # the decision records the data both were measured on
+    assert "champion v1: re-evaluated on this val split" in decision["comparison"] and v2[:12] in decision["comparison"]
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion = client.get_model_version("same-data", "1")
+    assert champion.tags["eval.dataset_sha256"] == v1  # its own evaluation was of v1 ...
+    (cache_tag,) = [k for k in champion.tags if k.startswith(CACHE_TAG_PREFIX)]
+    entry = json.loads(champion.tags[cache_tag])  # ... and it was measured again on v2, cached on its version
+    assert cache_tag == CACHE_TAG_PREFIX + cache_key(v2, decision["eval_config_sha256"])
+    assert entry["dataset_sha256"] == v2 and entry["metrics"]["n_images"] == second.metrics["n_images"]
+    assert entry["metrics"]["n_images"] > float(champion.tags["metric.n_images"])  # more val images than on v1
+    assert set(decision["paired"]) == {"psnr", "colorfulness"}
+    for pair in decision["paired"].values():
+        assert pair["n"] == entry["metrics"]["n_images"]
+    cf = next(c for c in decision["checks"] if c["name"] == "colorfulness_vs_champion")
+    assert cf["champion_value"] == pytest.approx(entry["metrics"]["colorfulness"])  # v2 numbers, not v1's tag
+    assert cf["delta"] == pytest.approx(cf["value"] - cf["champion_value"]) and cf["ci_low"] <= cf["ci_high"]
+
+    again = gate_run(second.run_id, cfg, tracking_uri=uri, log_to_run=False)  # computed once per dataset version
+    assert again.comparison == decision["comparison"] and again.paired == decision["paired"]  # the same cache entry
+    assert len([k for k in client.get_model_version("same-data", "1").tags if k.startswith(CACHE_TAG_PREFIX)]) == 1
+
+    # a run measured on data the champion cannot be evaluated on (no dataset known): champion checks fail, with why
+    experiment = client.get_experiment_by_name("same-data").experiment_id
+    stray = client.create_run(experiment).info.run_id
+    client.log_metric(stray, "val/colorfulness", 99.0)
+    client.set_tag(stray, "eval.dataset_sha256", "ee" * 32)
+    client.set_tag(stray, "eval.config_sha256", decision["eval_config_sha256"])
+    stale = gate_run(stray, cfg, tracking_uri=uri, log_to_run=False)
+    (check,) = [c for c in stale.checks if c.kind == "vs_champion"]
+    assert not stale.passed and "not measured on the same data" in check.reason

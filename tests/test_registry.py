@@ -161,6 +161,7 @@ def _run(logged_model, metrics: dict[str, float], dataset: str = "ab" * 32) -> s
         client.log_metric(run.info.run_id, f"val/{key}", value, step=1)
     tags = {"ddcolor.model_uri": logged_model[1], "git.commit": "c0ffee" * 6 + "abcd", "git.dirty": "false"}
     tags |= {"dataset.manifest_sha256": dataset, "dataset.rows": "12", "dataset.dvc_md5": ""}
+    tags |= {"eval.dataset_sha256": dataset, "eval.config_sha256": "cf" * 32}  # all measured on the same data
     for key, value in tags.items():
         client.set_tag(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id)
@@ -348,8 +349,10 @@ def test_cli_gate_and_promote(env, logged_model, tmp_path, monkeypatch):
     assert "Gate PASSED" in res.output and "| max_fid |" in res.output
     bad = tmp_path / "metrics.json"
     bad.write_text(json.dumps({"fid": 99.0, "colorfulness": 30.0, "psnr": 25.0, "n_images": 4}))
-    res = runner.invoke(app, ["gate", "--run-id", run_id, "--metrics", str(bad), "--config", str(params)])
-    assert res.exit_code == 1 and "Gate FAILED" in res.output
+    res = runner.invoke(app, ["gate", "--run-id", run_id, "--metrics", str(bad), "--config", str(params), "--json"])
+    assert res.exit_code == 1 and "Gate FAILED" in res.stderr
+    doc = json.loads(res.stdout)  # --json: one document on stdout
+    assert doc["passed"] is False and doc["run_id"] == run_id and doc["checks"]
     assert _client().get_run(run_id).data.tags["gate.passed"] == "false"
 
     res = runner.invoke(app, ["promote", "--run-id", run_id, "--config", str(params)])
@@ -360,8 +363,10 @@ def test_cli_gate_and_promote(env, logged_model, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "promoted" in res.output
     run3 = _run(logged_model, _good(fid=29.0))
-    res = runner.invoke(app, ["promote", "--run-id", run3, "--config", str(params)])
-    assert res.exit_code == 1 and "not promoted" in res.output
+    res = runner.invoke(app, ["promote", "--run-id", run3, "--config", str(params), "--json"])
+    assert res.exit_code == 1 and "not promoted" in res.stderr
+    doc = json.loads(res.stdout)
+    assert (doc["decision"], doc["promoted"], doc["gate_passed"], doc["run_id"]) == ("rejected", False, False, run3)
     res = runner.invoke(app, ["promote", "--rollback", "--config", str(params)])
     assert res.exit_code == 0, res.output
     assert _client().get_model_version_by_alias(name, "champion").version == v1
