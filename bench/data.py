@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from procstats import machine
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
         raw_pixels = args.size * args.size * 3
         print()
-        print(f"## Data plane, {args.images} images, {args.size} px, batch {args.batch}, {os.cpu_count()} CPUs")
+        print(f"## Data plane, {args.images} images, {args.size} px, batch {args.batch}, on {machine('cpu')}")
         print()
         print("| DataLoader workers | official per-sample (img/s) | shards loader (img/s) | speed-up |")
         print("|---:|---:|---:|---:|")

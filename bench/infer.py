@@ -1,6 +1,11 @@
-"""Inference benchmark: eager DDColor vs `prepare_for_inference` (fp32, bf16) vs onnxruntime.
+"""Inference benchmark: eager DDColor vs `prepare_for_inference` (fp32, bf16, auto) vs onnxruntime.
 
-    python bench/infer.py [--presets tiny,large] [--sizes 256,512] [--repeats 5] [--variants eager,fp32,bf16,onnx]
+    python bench/infer.py [--presets tiny,large] [--sizes 256,512] [--repeats 5] [--variants eager,fp32,bf16,auto,onnx]
+
+``auto`` is the default precision of colorize / evaluate / the playground (`ddcolor.precision`): bf16 where the
+machine has native bf16, else fp32; the table says what it resolved to and how it compares with the better of fp32
+and bf16 (target: at most 1.1x slower). Every row names the machine kind (AVX2 / AVX-512 / AVX-512-BF16 / AMX CPU,
+or the GPU): the bf16 / fp32 ratio depends on it.
 
 One run uses one set of random-init weights per preset (saved once as a checkpoint that every variant loads,
 and exported once to ONNX), so the ab differences compare the same function. Prints, per preset and size:
@@ -26,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import resource
 import statistics
@@ -38,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from procstats import cpu_name, reset_peak_rss, status_kib
+from procstats import machine, reset_peak_rss, status_kib
 
-VARIANTS = ("eager", "fp32", "bf16", "fp16", "onnx")
+VARIANTS = ("eager", "fp32", "bf16", "auto", "fp16", "onnx")
 SEED = 0
 
 
@@ -78,9 +82,11 @@ def worker(spec: dict) -> dict:
     else:
         from ddcolor.model import prepare_for_inference
         from ddcolor.model.checkpoint import load_checkpoint
+        from ddcolor.precision import resolve_precision
 
         model = load_checkpoint(spec["checkpoint"]).eval().to(device)
-        net = model if variant == "eager" else prepare_for_inference(model, variant)
+        resolved = resolve_precision(variant, device) if variant == "auto" else variant
+        net = model if variant == "eager" else prepare_for_inference(model, resolved)
         if net is not model:
             del model
     x = x.to(device)
@@ -127,6 +133,7 @@ def worker(spec: dict) -> dict:
         "peak_mib": peak_mib,
         "memory_method": method,
         "threads": torch.get_num_threads(),
+        "resolved": resolved if variant not in ("eager", "onnx") else variant,
     }
 
 
@@ -186,7 +193,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512", help="comma-separated square input sizes (multiples of 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant after one warm-up")
     parser.add_argument("--batch", type=int, default=1, help="images per forward")
-    parser.add_argument("--variants", default="eager,fp32,bf16,onnx", help=f"comma-separated from {VARIANTS}")
+    parser.add_argument("--variants", default="eager,fp32,bf16,auto,onnx", help=f"comma-separated from {VARIANTS}")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available, and cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0: their default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -216,7 +223,7 @@ def main() -> None:
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16") if f in flags]
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}")
+    print(f"# machine: {machine('cpu')}, torch threads {torch.get_num_threads()}")
     print(
         f"# torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}; ISA flags: "
         f"{' '.join(isa)}), onnxruntime {onnxruntime.__version__}, python {platform.python_version()}"
@@ -269,9 +276,11 @@ def main() -> None:
                         ms = statistics.median(res["times_ms"]) / args.batch
                         diff = float(np.abs(outputs[variant] - ref).max())
                         gflop = flops["eager"] if variant == "eager" else flops["prepared"]
-                        rate = rates[device][torch.bfloat16 if variant in ("bf16", "fp16") else torch.float32]
+                        low = res["resolved"] in ("bf16", "fp16")
+                        rate = rates[device][torch.bfloat16 if low else torch.float32]
                         rows.append({
                             "preset": preset, "size": size, "device": device, "variant": variant, "ms": ms,
+                            "machine": machine(device), "resolved": res["resolved"],
                             "speedup": eager_ms / ms, "peak_mib": res["peak_mib"] / args.batch, "max_abs": diff,
                             "rel": diff / span if span else float("nan"), "gflop": gflop,
                             "roofline_ms": gflop / rate * 1e3, "memory_method": res["memory_method"],
@@ -284,15 +293,16 @@ def main() -> None:
                         )
     print()
     print(
-        "| preset | size | device | path | ms/image | speedup vs eager | peak MiB | max abs Δab | rel Δab "
+        "| machine | preset | size | path | ms/image | speedup vs eager | peak MiB | max abs Δab | rel Δab "
         "| GFLOP | roofline ms | % of roofline |"
     )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"eager": "eager (DDColor.eval)", "fp32": "prepared fp32", "bf16": "prepared bf16",
              "fp16": "prepared fp16", "onnx": "onnxruntime fp32"}  # fmt: skip
     for r in rows:
+        name = f"prepared auto (-> {r['resolved']})" if r["variant"] == "auto" else names[r["variant"]]
         print(
-            f"| {r['preset']} | {r['size']} | {r['device']} | {names[r['variant']]} | {r['ms']:.1f} "
+            f"| {r['machine']} | {r['preset']} | {r['size']} | {name} | {r['ms']:.1f} "
             f"| {r['speedup']:.2f}x | {r['peak_mib']:.0f} | {r['max_abs']:.1e} | {r['rel']:.1e} | {r['gflop']:.1f} "
             f"| {r['roofline_ms']:.1f} | {100 * r['roofline_ms'] / r['ms']:.0f}% |"
         )
@@ -302,6 +312,20 @@ def main() -> None:
         " bf16/fp16); GFLOP counted on the eager module for eager, on the prepared fp32 module otherwise."
     )
     print(f"peak MiB: {rows[0]['memory_method'] if rows else ''} (per image), in a fresh process per variant.")
+    for r in rows:
+        if r["variant"] != "auto":
+            continue
+        same = {
+            x["variant"]: x["ms"]
+            for x in rows
+            if (x["preset"], x["size"], x["device"]) == (r["preset"], r["size"], r["device"])
+        }
+        best = min((same[v], v) for v in ("fp32", "bf16") if v in same) if {"fp32", "bf16"} & set(same) else None
+        if best:
+            print(
+                f"auto vs the better of fp32/bf16 ({best[1]}), {r['preset']} {r['size']} on {r['machine']}: "
+                f"{r['ms'] / best[0]:.2f}x the time (target <= 1.1x)"
+            )
 
 
 if __name__ == "__main__":

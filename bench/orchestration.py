@@ -91,7 +91,7 @@ def main() -> None:
 
     import prefect
     import torch
-    from procstats import cpu_name
+    from procstats import machine
 
     from ddcolor.config import load_config
     from ddcolor.data.samples import write_samples
@@ -141,9 +141,7 @@ def main() -> None:
         return out
 
     threads = torch.get_num_threads()
-    print(
-        f"# {cpu_name()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}, torch {torch.__version__}"
-    )
+    print(f"# {machine('cpu')}; python {platform.python_version()}, torch {torch.__version__}")
     print(f"# prefect {prefect.__version__} (ephemeral server), MLflow on SQLite; torch threads {threads}")
     print(
         f"# job: {args.images} images at {args.size} px, atto (small decoder, random init), {args.steps} training "

@@ -35,3 +35,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def machine(device: str = "cpu") -> str:
+    """What a benchmark line ran on, kind included: ``CPU AMX: Intel(R) Xeon(R) Processor, 2 logical CPUs`` or
+    ``GPU NVIDIA H200 (sm90)``. The CPU kind (AVX2 / AVX-512 / AVX-512-BF16 / AMX) is what decides bf16 vs fp32
+    speed (`ddcolor.precision.cpu_capability`), so every table row carries it."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ddcolor.precision import device_description
+
+    if str(device).startswith("cuda") or device == "mps":
+        return device_description(device)
+    return f"{device_description('cpu')}: {cpu_name()}, {os.cpu_count()} logical CPUs"

@@ -1,7 +1,7 @@
-"""Training-step benchmark: the real `ddcolor.train.Trainer`, fp32 eager vs bf16 AMP + channels-last vs + compile.
+"""Training-step benchmark: the real `ddcolor.train.Trainer`, fp32 vs bf16 vs auto AMP, channels-last, compile.
 
     python bench/train.py [--presets atto,tiny] [--device cpu|cuda] [--size 256] [--steps N] [--warmup W]
-                          [--batch B] [--variants fp32,bf16_cl,bf16_cl_compile] [--workers K] [--timeout S]
+                          [--batch B] [--variants fp32,bf16,auto,bf16_cl,bf16_cl_compile] [--workers K] [--timeout S]
 
 Inputs: `ddcolor.data.samples.write_samples` (the scikit-image photos and their crops), ingested once by
 `ddcolor.data.ingest` at ``--size`` px (``resize``) into a temporary shard dataset that every variant reads.
@@ -15,6 +15,9 @@ timed steps (the warm-up steps, oneDNN / cuDNN autotuning and compilation, are d
 
 Variants:
     fp32             ``train.amp=none``: fp32 eager (on CUDA the trainer enables TF32 matmuls/convolutions).
+    bf16             ``train.amp=bf16``: bf16 autocast, NCHW.
+    auto             ``train.amp=auto`` (the default): bf16 where the machine has native bf16, else fp32; the table
+                     says what it resolved to and compares it with the better of fp32 and bf16 (target <= 1.1x).
     bf16_cl          ``train.amp=bf16 train.channels_last=true``: bf16 autocast, NHWC memory format.
     bf16_cl_compile  the same plus ``train.compile=true`` (``torch.compile`` of the generator).
 A variant that raises (e.g. ``torch.compile`` on CPU: with torch 2.14 the compiled training step fails with an
@@ -28,7 +31,8 @@ Peak memory, measured over the timed steps only (the tracker hook resets the pea
           activations; not the caching allocator's reserve.
 
 Not a test: nothing here asserts. Target on a GPU: ``bf16_cl`` >= 2x the fp32 images/s for ``tiny`` at the same
-batch size. Numbers on a shared 2-core CPU are noisy.
+batch size. Numbers on a shared 2-core CPU are noisy. Every row names the machine kind (AVX2 / AVX-512 /
+AVX-512-BF16 / AMX CPU, or the GPU).
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import platform
 import resource
 import statistics
@@ -48,17 +51,25 @@ import time
 from pathlib import Path
 
 import torch
-from procstats import cpu_name, reset_peak_rss, status_kib
+from procstats import machine, reset_peak_rss, status_kib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "fp32": ["train.amp=none", "train.channels_last=false", "train.compile=false"],
+    "bf16": ["train.amp=bf16", "train.channels_last=false", "train.compile=false"],
+    "auto": ["train.amp=auto", "train.channels_last=false", "train.compile=false"],
     "bf16_cl": ["train.amp=bf16", "train.channels_last=true", "train.compile=false"],
     "bf16_cl_compile": ["train.amp=bf16", "train.channels_last=true", "train.compile=true"],
 }
-NAMES = {"fp32": "fp32 eager", "bf16_cl": "bf16 AMP + channels_last", "bf16_cl_compile": "bf16 + cl + compile"}
+NAMES = {
+    "fp32": "fp32 eager",
+    "bf16": "bf16 AMP",
+    "auto": "auto AMP",
+    "bf16_cl": "bf16 AMP + channels_last",
+    "bf16_cl_compile": "bf16 + cl + compile",
+}
 SEED = 0
 
 
@@ -144,6 +155,7 @@ def worker(spec: dict) -> dict:
     try:
         trainer.setup()
         result["generator_params"] = sum(p.numel() for p in trainer.generator.parameters())
+        result["amp"] = trainer.amp  # train.amp as resolved on this machine (auto -> bf16 | none)
         trainer.train()
     except Exception as err:  # reported in the table, e.g. torch.compile failing on CPU
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -230,7 +242,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {os.cpu_count()} logical CPUs"
+    where = machine(device)
     print(f"# device: {device} ({where}); torch {torch.__version__}, python {platform.python_version()}")
     if not cuda:
         print(f"# CPU capability {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}")
@@ -284,21 +296,31 @@ def main() -> None:
                 rows.append(row)
 
     print()
-    print("| preset | device | path | batch | ms/step | img/s | peak MiB | img/s vs fp32 eager |")
+    print("| machine | preset | path | batch | ms/step | img/s | peak MiB | img/s vs fp32 eager |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     base = {r["preset"]: r.get("img_s") for r in rows if r["variant"] == "fp32"}
     for r in rows:
+        name = NAMES[r["variant"]] + (f" (-> {r['amp']})" if r["variant"] == "auto" and "amp" in r else "")
         if "error" in r:
-            print(f"| {r['preset']} | {device} | {NAMES[r['variant']]} | {batch} | failed: {r['error']} | | | |")
+            print(f"| {where} | {r['preset']} | {name} | {batch} | failed: {r['error']} | | | |")
             continue
         ratio = f"{r['img_s'] / base[r['preset']]:.2f}x" if base.get(r["preset"]) else "n/a"
         print(
-            f"| {r['preset']} | {device} | {NAMES[r['variant']]} | {batch} | {r['ms']:.0f} | {r['img_s']:.2f} "
+            f"| {where} | {r['preset']} | {name} | {batch} | {r['ms']:.0f} | {r['img_s']:.2f} "
             f"| {r['peak_mib']:.0f} | {ratio} |"
         )
     methods = sorted({r["memory_method"] for r in rows if r.get("memory_method")})
     print()
     print(f"peak memory: {'; '.join(methods) or 'n/a'} (see the docstring)")
+    for r in rows:
+        ms = {x["variant"]: x.get("ms") for x in rows if x["preset"] == r["preset"] and "error" not in x}
+        best = [(ms[v], v) for v in ("fp32", "bf16") if ms.get(v)]
+        if r["variant"] == "auto" and ms.get("auto") and best:
+            fastest, which = min(best)
+            print(
+                f"auto vs the better of fp32/bf16 ({which}), {r['preset']} on {where}: {ms['auto'] / fastest:.2f}x the "
+                "time (target <= 1.1x)"
+            )
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ def test_run_logs_finite_losses_images_and_model(run, dataset):
     assert grid.dtype == np.uint8 and grid.shape == (3 * 64, 3 * 64, 3)
     assert tracker.tags["dataset.uri"] == dataset and len(tracker.tags["dataset.manifest_sha256"]) == 64
     assert tracker.params["run.world_size"] == 1 and tracker.params["train.lr"] == 1e-4
+    from ddcolor.precision import resolve_amp  # what train.amp (auto unless the recipe says) became here
+
+    assert tracker.params["train.amp_resolved"] == resolve_amp(tracker.params["train.amp"], "cpu")
     # the final model is the EMA, loadable as any of our checkpoints, and was logged
     assert result.checkpoint_path == str(out / MODEL_FILE)
     assert tracker.models == [(out / MODEL_FILE, "generator")]
