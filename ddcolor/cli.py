@@ -29,8 +29,26 @@ class _Group(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_Group, no_args_is_help=True, add_completion=False, help="DDColor platform: colorize, train, evaluate."
+    cls=_Group, no_args_is_help=True, add_completion=True, help="DDColor platform: colorize, train, evaluate."
 )
+
+
+def _json_option():
+    return typer.Option(
+        False, "--json", help="Print one JSON document on stdout, for CI (human-readable lines go to stderr)."
+    )
+
+
+def _say(text: str, json_out: bool) -> None:
+    """Human-readable output: stdout, or stderr when --json keeps stdout for the JSON document."""
+    typer.echo(text, err=json_out)
+
+
+def _print_json(obj: object) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
 
 # --- weights -------------------------------------------------------------------------------------------
 weights_app = typer.Typer(no_args_is_help=True, help="Inspect and fill the local weights cache.")
@@ -45,11 +63,26 @@ def _weights_fail(exc: BaseException) -> typer.Exit:
 @weights_app.command("list")
 def weights_list(
     verify: bool = typer.Option(False, "--verify", help="Also hash and check present files (slow for GBs)."),
+    json_out: bool = _json_option(),
 ) -> None:
     """Show every known weight file: kind, present/missing, size, path."""
     from ddcolor import weights
 
     rows = weights.status(verify=verify)
+    if json_out:
+        _print_json(
+            {
+                "cache_dir": str(weights.cache_dir()),
+                "weights": [
+                    {"name": r.name, "kind": r.kind, "present": r.present, "path": str(r.path)}
+                    | {"size_bytes": r.size_bytes, "verified": r.verified}
+                    for r in rows
+                ],
+            }
+        )
+        if any(r.verified is False for r in rows):
+            raise typer.Exit(1)
+        return
     table = [("NAME", "KIND", "STATE", "SIZE", "PATH")]
     for r in rows:
         state = "missing" if not r.present else {None: "present", True: "ok", False: "CORRUPT"}[r.verified]
@@ -418,6 +451,12 @@ def pipeline_command(
     force: bool = typer.Option(False, "--force", help="Train even if the champion has the same data and config."),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the steps in this process without Prefect."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="GPUs for torchrun DDP training."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes of a multi-node torchrun (c10d rendezvous)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank, 0 .. nnodes-1."),
+    rdzv_endpoint: str | None = typer.Option(
+        None, "--rdzv-endpoint", help="HOST[:PORT] every node reaches (node 0; port 29400 by default)."
+    ),
+    rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="Rendezvous id, the same on every node of a run."),
     colorize: bool = typer.Option(True, "--colorize/--no-colorize", help="Colorize the sample photos at the end."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (--no-prefect only)."),
     ingest_task_runner: str | None = typer.Option(
@@ -451,6 +490,17 @@ def pipeline_command(
     }
     if ingest_task_runner is not None:
         params["ingest_task_runner"] = ingest_task_runner
+    if nnodes > 1 or rdzv_endpoint:
+        from ddcolor.launch import Rendezvous
+
+        if no_prefect:
+            typer.echo("Error: --nnodes/--rdzv-endpoint need the Prefect flow; drop --no-prefect", err=True)
+            raise typer.Exit(2)
+        try:
+            Rendezvous(nnodes, node_rank, rdzv_endpoint)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--nnodes") from None
+        params.update(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
     _pipeline(params, no_prefect, progress)
 
 
@@ -595,7 +645,7 @@ def export_onnx_command(
     random_init: bool = typer.Option(
         False, "--random-init", help="Export a random-init model (atto unless --preset): for testing the toolchain."
     ),
-    opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset (>= 17)."),
+    opset: int = typer.Option(18, "--opset", min=17, help="ONNX opset (>= 17; 18 is the exporter's own)."),
 ) -> None:
     """Export the fp32 inference network to ONNX: gray_rgb (B,3,H,W) -> ab (B,2,H,W), dynamic B/H/W (x32)."""
     from ddcolor._optional import require
@@ -665,6 +715,7 @@ def validate_command(
             help="Absolute drift tolerance, e.g. L_mean=3 (repeatable; overrides validate.drift_abs.COLUMN).",
         ),
     ] = None,
+    json_out: bool = _json_option(),
 ) -> None:
     """Validate a shard dataset (manifest, checksums, Great Expectations suite, drift); exit 1 on failure.
 
@@ -694,16 +745,20 @@ def validate_command(
     result = validate_dataset(
         uri, reference=reference, expected=expected, tolerances=Tolerances.from_config(cfg.validate)
     )
-    typer.echo(result.summary())
+    _say(result.summary(), json_out)
+    reports: list[str] = []
     if report:
         from ddcolor.data.validate import write_reports
         from ddcolor.storage import StorageError
 
         try:
             for written in write_reports(result, report_dir):
-                typer.echo(f"report: {written}")
+                reports.append(str(written))
+                _say(f"report: {written}", json_out)
         except (OSError, StorageError) as err:
             typer.echo(f"WARNING: could not write the report: {err}", err=True)
+    if json_out:
+        _print_json({**result.to_dict(), "reports": reports})
     if not result.success:
         raise typer.Exit(1)
 
@@ -1011,6 +1066,7 @@ def evaluate_command(
         help="Network precision: auto = bf16 on a GPU/CPU with native bf16 (AMX, AVX-512-BF16, sm80+), else "
         "fp32. Metric networks: fp32.",
     ),
+    json_out: bool = _json_option(),
 ) -> None:
     """Evaluate a model on a dataset's val split: FID, colorfulness, ΔCF, PSNR, LPIPS -> metrics.json + report.md."""
     from ddcolor import weights
@@ -1065,8 +1121,18 @@ def evaluate_command(
         raise typer.Exit(1) from None
     finally:
         tracker.finish(status)
-    typer.echo(f"{result.n_images} images: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
-    typer.echo(f"report: {out}/report.md")
+    _say(f"{result.n_images} images: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()), json_out)
+    _say(f"report: {out}/report.md", json_out)
+    if json_out:
+        _print_json(
+            {
+                "n_images": result.n_images,
+                "metrics": result.metrics,
+                "protocol": result.protocol,
+                "out_dir": str(out),
+                "report": f"{out}/report.md",
+            }
+        )
 
 
 # --- registry ------------------------------------------------------------------------------------------
@@ -1107,6 +1173,7 @@ def gate_command(
     config: str | None = typer.Option(
         None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
     ),
+    json_out: bool = _json_option(),
 ) -> None:
     """Check a run's eval metrics against the gates and the champion; log the decision to the run; exit 1 on fail."""
     import json
@@ -1126,12 +1193,14 @@ def gate_command(
         decision = gate_run(run_id, cfg, metrics=values)
     except (OSError, ValueError, RegistryError, MlflowException) as err:
         raise _registry_fail(err) from None
-    typer.echo(decision.table())
+    _say(decision.table(), json_out)
+    if json_out:
+        _print_json({**decision.to_dict(), "run_id": run_id})
     if not decision.passed:
         raise typer.Exit(1)
 
 
-def _write_promotion(path: str, record: dict) -> None:
+def _write_promotion(path: str, record: dict, json_out: bool = False) -> None:
     """Write the promotion record as JSON (atomically: a reader never sees half a file)."""
     import json
     import os
@@ -1142,7 +1211,7 @@ def _write_promotion(path: str, record: dict) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, target)
-    typer.echo(f"decision: {path}")
+    _say(f"decision: {path}", json_out)
 
 
 @app.command("promote")
@@ -1173,6 +1242,7 @@ def promote_command(
     config: str | None = typer.Option(
         None, "--config", "-c", help="params.yaml to read. Default: ./params.yaml if present, else built-in defaults."
     ),
+    json_out: bool = _json_option(),
 ) -> None:
     """Register a run's model (alias challenger), gate its val/* metrics, move the champion alias if it passed."""
     from ddcolor._optional import require
@@ -1192,11 +1262,13 @@ def promote_command(
             result = rollback(cfg)
         except (RegistryError, MlflowException) as err:
             raise _registry_fail(err) from None
-        typer.echo(f"rolled back {name}@{alias}: version {result.previous_champion} -> {result.champion}")
+        _say(f"rolled back {name}@{alias}: version {result.previous_champion} -> {result.champion}", json_out)
+        record = {"decision": "rolled_back", "promoted": True, "model_name": name, "version": result.version}
+        record.update(champion=result.champion, previous_champion=result.previous_champion)
         if out:
-            record = {"decision": "rolled_back", "promoted": True, "model_name": name, "version": result.version}
-            record.update(champion=result.champion, previous_champion=result.previous_champion)
-            _write_promotion(out, record)
+            _write_promotion(out, record, json_out)
+        if json_out:
+            _print_json(record)
         return
     run_id = _run_id_of(run_id, model)
     try:
@@ -1205,31 +1277,36 @@ def promote_command(
         result = promote(version, decision, cfg)
     except (RegistryError, MlflowException) as err:
         raise _registry_fail(err) from None
-    typer.echo(decision.table())
+    _say(decision.table(), json_out)
     if result.promoted:
         outcome = "promoted"
-        typer.echo(f"promoted {name} version {version} to @{alias} (previous: {result.previous_champion or 'none'})")
+        _say(
+            f"promoted {name} version {version} to @{alias} (previous: {result.previous_champion or 'none'})", json_out
+        )
     elif decision.passed:
         outcome = "already_champion"
-        typer.echo(f"{name} version {version} is already @{alias}")
+        _say(f"{name} version {version} is already @{alias}", json_out)
     else:
         outcome = "rejected"
-        typer.echo(f"{name} version {version} not promoted (gate failed); @{alias} stays {result.champion or 'unset'}")
-    if out:
-        _write_promotion(
-            out,
-            {
-                "decision": outcome,
-                "promoted": result.promoted,
-                "gate_passed": decision.passed,
-                "model_name": name,
-                "version": version,
-                "champion": result.champion,
-                "previous_champion": result.previous_champion,
-                "run_id": run_id,
-                "checks": decision.to_dict()["checks"],
-            },
+        _say(
+            f"{name} version {version} not promoted (gate failed); @{alias} stays {result.champion or 'unset'}",
+            json_out,
         )
+    record = {
+        "decision": outcome,
+        "promoted": result.promoted,
+        "gate_passed": decision.passed,
+        "model_name": name,
+        "version": version,
+        "champion": result.champion,
+        "previous_champion": result.previous_champion,
+        "run_id": run_id,
+        "checks": decision.to_dict()["checks"],
+    }
+    if out:
+        _write_promotion(out, record, json_out)
+    if json_out:
+        _print_json(record)
     if outcome == "rejected" and fail_on_reject:
         raise typer.Exit(1)
 
@@ -1336,6 +1413,21 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _load_dotenv() -> None:
+    """Load ./.env (the nearest one, searching up from the working directory) into the environment, as
+    `.env.example` describes; variables already set win. Set DDCOLOR_NO_DOTENV=1 to skip it."""
+    import os
+
+    if os.environ.get("DDCOLOR_NO_DOTENV", "").strip() not in ("", "0"):
+        return
+    from dotenv import find_dotenv, load_dotenv
+
+    path = find_dotenv(usecwd=True)
+    if path:
+        load_dotenv(path, override=False)
+        logging.getLogger(__name__).debug("loaded %s", path)
+
+
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -1343,6 +1435,7 @@ def _main(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
+    _load_dotenv()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
