@@ -485,13 +485,14 @@ def test_batch_jobs_and_outcomes_pickle(tmp_path):
     import pickle
     import socket
 
-    from ddcolor.data.ingest import BatchJob, Outcome, PrepareParams, prepare_batch
+    from ddcolor.data.ingest import BatchJob, Outcome, PrepareParams, prepare_batch, write_hash_index
 
     (path,) = make_random_images(tmp_path, 1)
     here = f"{socket.gethostname()}:{os.getpid()}"  # as from a thread executor: this process is not reconfigured
-    job = BatchJob((str(path),), PrepareParams(SIZE, "resize", None), frozenset(), (), "run", here)
+    job = BatchJob((str(path),), PrepareParams(SIZE, "resize", None), None, "run", here)
     assert pickle.loads(pickle.dumps(job)) == job
     (outcome,) = prepare_batch(pickle.loads(pickle.dumps(job)))
     assert isinstance(outcome, Outcome) and outcome.kind == "row" and pickle.loads(pickle.dumps(outcome)) == outcome
-    known = BatchJob(job.uris, job.params, frozenset({outcome.sha256}), (), "run", here)
+    index = write_hash_index(str(tmp_path / "ds"), [outcome.sha256, "00" * 32, "ff" * 32])
+    known = BatchJob(job.uris, job.params, index, "run", here)
     assert prepare_batch(known) == [Outcome("duplicate", str(path), outcome.sha256)]

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flows/ is not part of the installed package
@@ -178,3 +179,125 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.1)
+
+
+# --- colorize-archive on the clusters -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def archive_case(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(source folder: 6 images + 1 broken file, the `ddcolor colorize` outputs of it, the model checkpoint)."""
+    from test_archive import _reference
+
+    from ddcolor.colorize import random_init_model
+    from ddcolor.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("archive")
+    make_random_images(root / "src", 6)
+    (root / "src" / "broken.png").write_bytes(b"not an image")
+    model = save_checkpoint(random_init_model("atto", 0, warn=False), root / "model.safetensors")
+    _reference(root / "src", root / "ref", model, None)
+    return root / "src", root / "ref", model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["process", "dask", "ray"])
+def test_colorize_archive_flow_on_each_runner_equals_colorize(engine, prefect_server, archive_case, tmp_path, request):
+    """The colorize-archive flow on the process pool, the Dask cluster (workers without `flows`) and a local Ray:
+    outputs equal `ddcolor colorize`; the manifest accounts for the broken file; progress and summary artifacts."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from test_archive import assert_same_outputs
+
+    from ddcolor.archive import read_manifest
+    from flows.colorize_archive import ARTIFACT_KEYS, colorize_archive_flow
+
+    src, ref, model = archive_case
+    runner = f"dask://{request.getfixturevalue('dask_cluster').address}" if engine == "dask" else engine
+    kwargs = {"input_size": 64, "precision": "fp32", "device": "cpu", "batch_size": 2, "workers": 2}
+    state = colorize_archive_flow(str(src), str(tmp_path / "out"), str(model), runner, return_state=True, **kwargs)
+    assert state.is_completed(), state.message
+    assert state.result()["done"] == 6 and state.result()["failed"] == 1, state.result()
+    assert_same_outputs(tmp_path / "out", ref)
+    (broken,) = [r for r in read_manifest(str(tmp_path / "out")) if r["status"] == "failed"]
+    assert broken["input"].endswith("broken.png") and "not an image" in broken["reason"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert (
+        "| 7 | 6 | 0 | 1 |" in by_key[ARTIFACT_KEYS["summary"]].data
+        and "broken.png" in by_key["colorize-archive-summary"].data
+    )
+    assert float(by_key[ARTIFACT_KEYS["progress"]].data) == 100.0
+    again = colorize_archive_flow(str(src), str(tmp_path / "out"), str(model), runner, return_state=True, **kwargs)
+    assert again.result()["skipped"] == 6 and again.result()["done"] == 0
+
+
+def test_colorize_archive_deployment_runs_on_the_dask_cluster_of_infra():
+    """prefect.yaml's colorize-archive: its entrypoint exists, its task runner is the Dask scheduler Service of
+    infra/k8s/dask.yaml (listed in the kustomization), on the k8s pool the GPU deployment uses."""
+    import yaml
+
+    from ddcolor.fanout import parse_task_runner
+
+    root = Path(__file__).resolve().parents[1]
+    deployments = {d["name"]: d for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]}
+    archive = deployments["colorize-archive"]
+    path, _, function = archive["entrypoint"].partition(":")
+    assert f"def {function}(" in (root / path).read_text()
+    kind, address = parse_task_runner(archive["parameters"]["task_runner"])
+    docs = list(yaml.safe_load_all((root / "infra/k8s/dask.yaml").read_text()))
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    assert kind == "dask" and address == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert "dask.yaml" in (root / "infra/k8s/kustomization.yaml").read_text()
+    assert archive["work_pool"]["name"] == deployments["k8s-gpu"]["work_pool"]["name"]
+    assert set(archive["work_pool"]["job_variables"]) <= set(deployments["k8s-gpu"]["work_pool"]["job_variables"])
+
+
+# --- what a fan-out job carries -----------------------------------------------------------------------------
+
+
+def test_ingest_jobs_hold_no_credential_and_do_not_grow_with_the_dataset(tmp_path, monkeypatch):
+    """Every BatchJob handed to the mapper, pickled as Dask/Ray pickle it: no AWS secret inside, and the same size
+    whether the dataset holds 10 rows or 10 more; rows already in the dataset are still found (the hash index)."""
+    import cloudpickle
+
+    from ddcolor.config import DataConfig
+    from ddcolor.data.ingest import HashIndex, ingest
+
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-test-key-id")
+    cfg = DataConfig(size=64, shard_rows=4, val_fraction=0.3)
+    payloads: list[bytes] = []
+
+    def recording(fn, jobs):
+        for job in jobs:
+            payloads.append(cloudpickle.dumps((fn, job)))
+        return [fn(job) for job in jobs]
+
+    make_random_images(tmp_path / "a", 10)
+    first = ingest(tmp_path / "a", tmp_path / "ds", cfg, map_batches=recording, batch_size=5)
+    make_random_images(tmp_path / "a", 10, start_seed=5000)
+    second = ingest(tmp_path / "a", tmp_path / "ds", cfg, map_batches=recording, batch_size=5)
+    assert (first.ingested, second.ingested, second.duplicates) == (10, 10, 10), (first.summary(), second.summary())
+    assert payloads and not [p for p in payloads if secret.encode() in p or b"AKIA-test-key-id" in p]
+    first_run, second_run = [len(p) for p in payloads[:2]], [len(p) for p in payloads[2:]]
+    assert len(second_run) == 4 and max(second_run) < 1024, second_run
+    # 10 more rows in the dataset: the job gained the index URI (tens of bytes), not 10 hashes x 32 bytes
+    assert max(second_run) - max(first_run) < 120, (first_run, second_run)
+    index = HashIndex(np.sort(np.array([bytes.fromhex(f"{i:064x}") for i in range(0, 2000, 2)], dtype="S32")))
+    assert f"{1000:064x}" in index and f"{1001:064x}" not in index and "ff" * 32 not in index
+
+
+def test_hash_index_file_is_written_once_per_content(tmp_path):
+    from ddcolor.data.ingest import _load_hash_index, write_hash_index
+
+    hashes = [os.urandom(32).hex() for _ in range(100)]
+    uri = write_hash_index(str(tmp_path), hashes)
+    assert write_hash_index(str(tmp_path), list(reversed(hashes))) == uri  # same set, same file
+    assert Path(uri).stat().st_size == 32 * 100
+    index = _load_hash_index(uri)
+    assert all(h in index for h in hashes) and os.urandom(32).hex() not in index

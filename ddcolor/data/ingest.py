@@ -10,8 +10,10 @@ quarantined``; one bad file never stops a run, an infrastructure failure (S3 unr
 and a rerun then completes it without duplicates.
 
 Fan-out: ``ingest(..., map_batches=...)`` replaces the local process pool with any executor (a Prefect task runner,
-Dask, Ray, ``concurrent.futures``): it is handed `prepare_batch` and a list of `BatchJob` (picklable; each carries
-everything a worker needs) and must return one ``list[Outcome]`` per job, in job order. Hashing, dedup against the
+Dask, Ray, ``concurrent.futures``): it is handed `prepare_batch` and a list of `BatchJob` (picklable, a few hundred
+bytes whatever the dataset size: URIs, settings and the URI of the dataset's sorted hash index under
+``DEST/hash-index/``; no credential: workers use their own environment) and must return one ``list[Outcome]`` per
+job, in job order. Hashing, dedup against the
 dataset, decoding and encoding run on the workers; dedup within the run, splits, shards, manifest and quarantine stay
 in the calling process, so the dataset is the same whichever executor ran the batches.
 """
@@ -66,6 +68,7 @@ __all__ = [
     "SHARDS_DIR",
     "BatchJob",
     "BatchMapper",
+    "HashIndex",
     "IngestError",
     "IngestReport",
     "Outcome",
@@ -78,6 +81,7 @@ __all__ = [
     "prepare_batch",
     "prepare_image",
     "shard_uris",
+    "write_hash_index",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,7 +89,8 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotation) are quarantined
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: small enough to stream, large enough to compress
 TASK_BATCH = 4  # files per task sent to a worker process of the local pool
-MAP_BATCH = 32  # files per `BatchJob` handed to a `map_batches` executor (each job also carries the known hashes)
+MAP_BATCH = 32  # files per `BatchJob` handed to a `map_batches` executor
+HASH_INDEX_DIR = "hash-index"  # sorted sha256 digests of a dataset version, read by fan-out workers (`BatchJob`)
 _CONFIG_KEYS = ("size", "resize_mode", "val_fraction", "min_colorfulness")
 
 
@@ -235,21 +240,23 @@ class Outcome:
 class BatchJob:
     """One batch of inputs for `prepare_batch`, with everything a worker needs (picklable, self-contained).
 
+    Its size does not grow with the dataset, and it holds no credential: a worker reads storage with the settings
+    of its own environment (``AWS_*`` / its role), and the known hashes from the index file the job names.
+
     Attributes:
         uris: the inputs, in input order.
         params: how to prepare them.
-        known: sha256 of every image already in the dataset (reported as duplicates without decoding).
-        env: the storage settings (``AWS_*``, ``DDCOLOR_*``) of the process that runs `ingest`; a worker in another
-            process uses them instead of its own, as the local pool does.
+        known_index: URI of the sorted hash index of the images already in the dataset (`write_hash_index`; those
+            are reported as duplicates without decoding), or None for an empty dataset. Each worker process loads it
+            once (cached by URI: the name holds its content hash).
         run_id: identifies the `ingest` run: a worker process configures itself once per run.
         origin: ``host:pid`` of the process that runs `ingest`; a job run there (a thread executor) changes nothing
-            in the process (its environment is already right, and its torch threads are left alone).
+            in the process (its torch threads are left alone).
     """
 
     uris: tuple[str, ...]
     params: PrepareParams
-    known: frozenset[str]
-    env: tuple[tuple[str, str], ...]
+    known_index: str | None
     run_id: str
     origin: str
 
@@ -280,12 +287,55 @@ def _use_env(env: dict[str, str]) -> None:
     for name in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in env]:
         del os.environ[name]
     os.environ.update(env)
+    _one_torch_thread()
+
+
+def _one_torch_thread() -> None:
     try:
         import torch
 
         torch.set_num_threads(1)  # one process per core already
     except Exception:  # pragma: no cover
         pass
+
+
+class HashIndex:
+    """Membership in a sorted array of sha256 digests (32 bytes each): 32 MB per million rows, binary search."""
+
+    def __init__(self, digests: np.ndarray) -> None:
+        self.digests = digests
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __contains__(self, sha256_hex: object) -> bool:
+        if not isinstance(sha256_hex, str):
+            return False
+        digest = np.array([bytes.fromhex(sha256_hex)], dtype="S32")
+        i = int(np.searchsorted(self.digests, digest[0]))
+        # array vs array: numpy drops trailing NUL bytes of S32 elements on both sides alike (not so for scalars)
+        return i < len(self.digests) and bool(self.digests[i : i + 1] == digest)
+
+
+def write_hash_index(dest: str, known: Iterable[str]) -> str:
+    """Write the sorted digests of ``known`` (hex sha256) to ``DEST/hash-index/<sha256 of the file>[:16].bin``
+    (once: an existing file of that name holds the same content) and return its URI, for `BatchJob.known_index`.
+    """
+    digests = np.sort(np.array([bytes.fromhex(h) for h in known], dtype="S32"))
+    data = digests.tobytes()
+    uri = storage.join(dest, HASH_INDEX_DIR, f"{hashlib.sha256(data).hexdigest()[:16]}.bin")
+    if not storage.exists(uri):
+        storage.write_bytes(uri, data)
+    return uri
+
+
+def _load_hash_index(uri: str) -> HashIndex:
+    """The index at ``uri``, read once per process (the name holds its content hash, so a cached copy is current)."""
+    cached = _STATE.get("hash_index")
+    if cached is None or cached[0] != uri:
+        digests = np.frombuffer(storage.read_bytes(uri), dtype="S32")
+        cached = _STATE["hash_index"] = (uri, HashIndex(digests))
+    return cached[1]
 
 
 def _init_worker(params: PrepareParams, known: frozenset[str], env: dict[str, str]) -> None:
@@ -337,8 +387,8 @@ def _process_batch(uris: list[str]) -> list[Outcome]:
 def prepare_batch(job: BatchJob) -> list[Outcome]:
     """Hash, dedup against ``job.known``, decode, resize and encode ``job.uris`` (the unit of work of a fan-out).
 
-    Runs anywhere `ddcolor` is installed: a thread, a process, a Dask or Ray worker. On the first job of a run in
-    another process it takes the storage settings of the job (``job.env``) and sets torch to one thread.
+    Runs anywhere `ddcolor` is installed: a thread, a process, a Dask or Ray worker, with the storage settings of
+    its own environment. On the first job of a run in another process it sets torch to one thread.
 
     Returns:
         One `Outcome` per URI, in ``job.uris`` order. A bad file is an Outcome (quarantine), never an exception.
@@ -347,9 +397,10 @@ def prepare_batch(job: BatchJob) -> list[Outcome]:
         StorageError: an ``s3://`` input unreachable after retries (the run stops; a rerun completes it).
     """
     if job.origin != _origin() and _STATE.get("run_id") != job.run_id:
-        _use_env(dict(job.env))
+        _one_torch_thread()
         _STATE["run_id"] = job.run_id
-    return [_process(uri, job.params, job.known) for uri in job.uris]
+    known = _load_hash_index(job.known_index) if job.known_index else frozenset()
+    return [_process(uri, job.params, known) for uri in job.uris]
 
 
 def _outcomes(inputs: list[str], params: PrepareParams, known: frozenset[str], workers: int) -> Iterator[Outcome]:
@@ -385,14 +436,20 @@ def _outcomes(inputs: list[str], params: PrepareParams, known: frozenset[str], w
 
 
 def _mapped_outcomes(
-    inputs: list[str], params: PrepareParams, known: frozenset[str], map_batches: BatchMapper, batch_size: int
+    inputs: list[str],
+    params: PrepareParams,
+    known: frozenset[str],
+    map_batches: BatchMapper,
+    batch_size: int,
+    dest: str,
 ) -> Iterator[Outcome]:
     """Outcomes in input order from ``map_batches``; each batch's results are checked against its inputs."""
     if not inputs:
         return  # no executor started for nothing
-    env, run_id, origin = tuple(sorted(_storage_env().items())), uuid.uuid4().hex, _origin()
+    run_id, origin = uuid.uuid4().hex, _origin()
+    index = write_hash_index(dest, known) if known else None
     jobs = [
-        BatchJob(tuple(inputs[i : i + batch_size]), params, known, env, run_id, origin)
+        BatchJob(tuple(inputs[i : i + batch_size]), params, index, run_id, origin)
         for i in range(0, len(inputs), batch_size)
     ]
     results = map_batches(prepare_batch, jobs)
@@ -721,7 +778,7 @@ def ingest(
         if map_batches is None:
             outcomes = _outcomes(inputs, params, known, workers)
         else:
-            outcomes = _mapped_outcomes(inputs, params, known, map_batches, batch_size or MAP_BATCH)
+            outcomes = _mapped_outcomes(inputs, params, known, map_batches, batch_size or MAP_BATCH, dest)
         # closing(): on a failure the worker pool stops now, not when the traceback is collected
         with bar, contextlib.closing(outcomes), logging_redirect_tqdm() if progress else contextlib.nullcontext():
             for outcome in outcomes:
