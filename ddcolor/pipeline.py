@@ -420,6 +420,7 @@ class PromotionOutcome:
     promoted: bool
     champion_version: str | None
     reason: str
+    model_card: str | None = None  # Markdown (`ddcolor.model_card`), also on the version and the run
 
 
 def promote_step(
@@ -452,7 +453,14 @@ def promote_step(
         stays = f"@{alias} stays v{promotion.champion}" if promotion.champion else f"no @{alias} yet"
         reason = f"gate failed for {name} v{version} ({failed}); {stays}"
     log.info("promote: %s", reason)
-    return PromotionOutcome(decision, version, promotion.promoted, promotion.champion, reason)
+    card = None
+    try:
+        from ddcolor.model_card import attach_model_card
+
+        card = attach_model_card(config, version, tracking_uri=uri, decision=decision)
+    except Exception as err:  # documentation must not undo a promotion
+        log.warning("could not write the model card of %s v%s: %s", name, version, err)
+    return PromotionOutcome(decision, version, promotion.promoted, promotion.champion, reason, card)
 
 
 def colorize_step(

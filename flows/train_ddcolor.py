@@ -65,6 +65,7 @@ ARTIFACT_KEYS = {
     "validation": "train-ddcolor-validation",
     "grid": "train-ddcolor-sample-grid",
     "mlflow": "train-ddcolor-mlflow-run",
+    "model_card": "ddcolor-model-card",
 }
 
 
@@ -318,6 +319,12 @@ def train_ddcolor(
             cfg, trained.checkpoint_path, trained.run_id, str(out_dir / "eval"), tracking_uri
         )
         outcome = promote_task(cfg, trained.run_id, fp, tracking_uri)
+        if outcome.model_card:
+            create_markdown_artifact(
+                outcome.model_card,
+                key=ARTIFACT_KEYS["model_card"],
+                description=f"model card of {cfg.registry.model_name} v{outcome.version}",
+            )
         result.status = "promoted" if outcome.promoted else "not_promoted"
         result.reason = outcome.reason
         result.decision, result.gate_table = outcome.decision.to_dict(), outcome.decision.table()

@@ -149,6 +149,15 @@ def test_gate_measures_champion_and_challenger_on_the_new_dataset_version(tmp_pa
     assert cf["champion_value"] == pytest.approx(entry["metrics"]["colorfulness"])  # v2 numbers, not v1's tag
     assert cf["delta"] == pytest.approx(cf["value"] - cf["champion_value"]) and cf["ci_low"] <= cf["ci_high"]
 
+    # the model card of the challenger: attached to the version and the run, loud about random weights
+    card = client.get_model_version("same-data", "2").tags["model_card"]
+    assert card.startswith("# Model card: same-data v2") and "RANDOM weights" in card and "MEANINGLESS" in card
+    assert v2 in card and "## Intended use and limitations" in card and "Apache-2.0" in card
+    assert "| `gates.min_psnr` |" in card  # the config diff against the champion
+    assert "Paired with the champion on the same images" in card and "| psnr |" in card and "**Gate FAILED**" in card
+    assert "model_card.md" in {a.path for a in client.list_artifacts(second.run_id)}
+    assert "No champion to compare with" in client.get_model_version("same-data", "1").tags["model_card"]
+
     again = gate_run(second.run_id, cfg, tracking_uri=uri, log_to_run=False)  # computed once per dataset version
     assert again.comparison == decision["comparison"] and again.paired == decision["paired"]  # the same cache entry
     assert len([k for k in client.get_model_version("same-data", "1").tags if k.startswith(CACHE_TAG_PREFIX)]) == 1

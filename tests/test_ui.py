@@ -424,6 +424,7 @@ def registry(mlflow_server, tmp_path_factory):
 
     from ddcolor.model import build_model
     from ddcolor.model.checkpoint import save_checkpoint
+    from ddcolor.model_card import attach_model_card
     from ddcolor.registry import gate_run, promote, register
     from ddcolor.tracking import MlflowTracker
 
@@ -440,12 +441,16 @@ def registry(mlflow_server, tmp_path_factory):
         model_uri = tracker.log_model(checkpoint)
         tracker.finish()
         run_id = tracker.run_id
-        for key, value in {"fid": fid, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0}.items():
+        metrics = {"fid": fid, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0, "n_images": 5000.0}
+        for key, value in metrics.items():
             client.log_metric(run_id, f"val/{key}", value, step=1)
         client.set_tag(run_id, "ddcolor.model_uri", model_uri)
+        client.set_tag(run_id, "eval.dataset_sha256", "ab" * 32)  # both measured on the same val split
+        client.set_tag(run_id, "eval.config_sha256", "cd" * 32)
         version = register(run_id, None, cfg, tracking_uri=mlflow_server.uri, attach_onnx=False)
         decision = gate_run(run_id, cfg, tracking_uri=mlflow_server.uri)
         promote(version, decision, cfg, tracking_uri=mlflow_server.uri)
+        attach_model_card(cfg, version, tracking_uri=mlflow_server.uri, decision=decision)
         runs[version] = run_id
     experiment = client.get_experiment_by_name("test-ui").experiment_id
     return cfg, runs, experiment
@@ -465,7 +470,11 @@ def test_catalogue_shows_versions_metrics_gates_and_runs(registry, mlflow_server
     ids = [m["id"] for m in body["models"]]
     assert ids[:4] == ["champion", "challenger", f"models:/{name}/2", f"models:/{name}/1"]
     versions = {v["version"]: v for v in reg["versions"]}
-    assert versions["1"]["metrics"] == {"fid": 15.0, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0}
+    assert versions["1"]["metrics"] == {
+        "fid": 15.0, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0, "n_images": 5000.0
+    }  # fmt: skip
+    assert versions["1"]["model_card"].startswith(f"# Model card: {name} v1")  # shown beside the version
+    assert "## Gate decision" in versions["2"]["model_card"] and "fid_vs_champion" in versions["2"]["model_card"]
     assert versions["1"]["gate"]["passed"] is True and versions["1"]["aliases"] == ["champion"]
     assert versions["2"]["gate"]["passed"] is False and versions["2"]["metrics"]["fid"] == 25.0
     failed = [c["name"] for c in versions["2"]["gate"]["checks"] if not c["passed"]]

@@ -199,6 +199,7 @@ def registry_catalogue(config: Config, tracking_uri: str, max_versions: int = 50
                     "run_hint": hint,
                     "metrics": version_metrics(mv),
                     "gate": decision.to_dict() if decision else None,
+                    "model_card": (mv.tags or {}).get("model_card"),
                     "created_ms": mv.creation_timestamp,
                     "description": mv.description or "",
                 }

@@ -172,6 +172,11 @@ function modelCard(spec) {
     for (const check of mv.gate.checks) details.append(el("div", {text: `${check.passed ? "pass" : "FAIL"} ${check.name}: ${check.reason}`}));
     card.append(details);
   }
+  if (mv.model_card) {
+    const doc = el("details", {class: "model-card"}, el("summary", {text: "model card"}));
+    doc.append(el("pre", {class: "model-card-text", text: mv.model_card}));
+    card.append(doc);
+  }
   if (mv.run_url) card.append(el("div", {}, el("a", {class: "run-link", href: mv.run_url, target: "_blank", rel: "noopener", text: `MLflow run ${mv.run_id.slice(0, 8)}`})));
   else if (mv.run_hint) card.append(el("div", {class: "muted"}, "run ", el("code", {text: mv.run_id}), ": ", el("code", {class: "run-hint", text: mv.run_hint})));
   return card;
