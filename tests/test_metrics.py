@@ -277,9 +277,11 @@ def test_cli_evaluate(tiny_eval, monkeypatch):
     cheap = ["eval.max_images=2", "eval.image_size=64", "eval.metrics=[psnr,colorfulness,delta_colorfulness]"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ok = runner.invoke(app, [*args, "--out", str(root / "cli"), "--random-init-metrics", *cheap])
+        ok = runner.invoke(app, [*args, "--out", str(root / "cli"), "--random-init-metrics", "--json", *cheap])
     assert ok.exit_code == 0, ok.output
-    assert "MEANINGLESS" in ok.output and "2 images" in ok.output
+    assert "MEANINGLESS" in ok.stderr and "2 images" in ok.stderr  # --json: human lines on stderr
+    doc = json.loads(ok.stdout)
+    assert doc["n_images"] == 2 and set(doc["metrics"]) >= {"psnr", "colorfulness"}
     assert json.loads((root / "cli" / "metrics.json").read_text())["n_images"] == 2
     monkeypatch.setenv(weights.ENV_VAR, str(root / "no-weights"))
     missing = runner.invoke(app, [*args, "--out", str(root / "cli2"), "eval.metrics=[fid]"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -115,7 +116,11 @@ def test_core_install_alone_colorizes(tmp_path):
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     subprocess.run([*pip, "torch==2.14.1", "torchvision==0.29.1"], check=True, env=env)
-    subprocess.run([*pip, str(ROOT)], check=True, env=env)
+    source = tmp_path / "src"  # a copy: setuptools would leave build/ in the checkout
+    shutil.copytree(ROOT / "ddcolor", source / "ddcolor", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    subprocess.run([*pip, str(source)], check=True, env=env)
     names = subprocess.run(
         [
             str(python),

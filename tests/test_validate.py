@@ -385,6 +385,10 @@ def test_cli_exit_codes(rows, tmp_path):
     fail = runner.invoke(app, ["validate", str(bad), "--no-report"])
     assert fail.exit_code == 1, fail.output
     assert "FAIL shard.parquet" in fail.output and "part-00002.parquet" in fail.output
+    as_json = runner.invoke(app, ["validate", str(bad), "--no-report", "--json"])  # for CI: stdout is one document
+    assert as_json.exit_code == 1 and "FAIL shard.parquet" in as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["success"] is False and doc["checks_failed"] >= 1 and doc["reports"] == []
     assert not (bad / REPORT_MARKDOWN).exists()
     (tmp_path / "params.yaml").write_text("data:\n  size: 64\n")
     stale = runner.invoke(app, ["validate", str(good), "--config", str(tmp_path / "params.yaml"), "--no-report"])
