@@ -126,6 +126,29 @@ def part_control(frames: int, size: int, strength: float) -> list[dict]:
     return rows
 
 
+def part_cost(sizes: list[int], frames: int = 20) -> list[dict]:
+    """Wall time of the stabiliser alone per frame (two DIS flows, mask, warp, blend) on the S x S grid."""
+    from ddcolor.temporal import TemporalStabilizer
+
+    rows = []
+    clip = render_clip(skimage_photo("coffee"), "pan", frames, FRAME_SIZE)
+    for size in sizes:
+        grays = [
+            cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (size, size), interpolation=cv2.INTER_AREA)
+            for f in clip.frames
+        ]
+        ab = np.zeros((2, size, size), np.float32)
+        stabilizer = TemporalStabilizer(0.8)
+        stabilizer(grays[0], ab)
+        t = time.perf_counter()
+        for gray in grays[1:]:
+            stabilizer(gray, ab)
+        ms = 1000 * (time.perf_counter() - t) / (frames - 1)
+        rows.append({"size": size, "ms_per_frame": ms})
+        print(f"  stabiliser alone at {size} x {size}: {ms:.1f} ms/frame", flush=True)
+    return rows
+
+
 def part_cuts(frames: int, size: int, strength: float) -> list[dict]:
     rows = []
     pairs = [("astronaut", "coffee"), ("chelsea", "rocket"), ("coffee", "chelsea")]
@@ -211,7 +234,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--net-frames", type=int, default=16, help="frames for part 3 (the network is slow on CPU)")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--parts", default="flicker,control,cuts,network")
+    parser.add_argument("--parts", default="flicker,control,cost,cuts,network")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default=None, help="write the JSON here")
     args = parser.parse_args()
@@ -243,6 +266,9 @@ def main() -> None:
     if "control" in parts:
         print("1b. control: per-frame model without flicker (the true ab):", flush=True)
         report["control"] = part_control(args.frames, args.size, args.strength)
+    if "cost" in parts:
+        print("stabiliser cost:", flush=True)
+        report["cost"] = part_cost([int(x) for x in args.sizes.split(",")])
     if "cuts" in parts:
         print("2. hard cuts (flickering model):", flush=True)
         report["cuts"] = part_cuts(args.frames, args.size, args.strength)
