@@ -12,6 +12,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from ddcolor.errors import DDColorError
+
 # top-level module -> extra that installs it (pyproject.toml [project.optional-dependencies])
 EXTRA_OF: dict[str, str] = {
     "pyarrow": "train",
@@ -47,7 +49,7 @@ EXTRA_OF: dict[str, str] = {
 }
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(DDColorError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` that adds it."""
 
     def __init__(self, module: str, extra: str, purpose: str | None = None) -> None:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from ddcolor._optional import require
 from ddcolor.color import lab_to_rgb, rgb_to_lab
+from ddcolor.errors import DDColorError
 from ddcolor.temporal import TemporalStabilizer
 
 av = require("av", "video", "video colorization")
@@ -79,7 +80,7 @@ WORK_SUFFIX = ".ddcolor-parts"
 Predictor = Callable[[list[np.ndarray]], np.ndarray]
 
 
-class VideoError(Exception):
+class VideoError(DDColorError):
     """A video that cannot be colorized; ``str()`` names the file and says why (and what to do, where possible)."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
