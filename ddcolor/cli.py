@@ -673,6 +673,30 @@ def export_onnx_command(
     typer.echo(f"exported: {path} (opset {opset}; input gray_rgb (B,3,H,W), H and W multiples of 32)")
 
 
+# --- automations ---------------------------------------------------------------------------------------
+automations_app = typer.Typer(no_args_is_help=True, help="Prefect automations (notifications) kept in the repository.")
+app.add_typer(automations_app, name="automations")
+
+
+@automations_app.command("apply")
+def automations_apply(
+    file: str = typer.Option(
+        "infra/prefect/automations.yaml", "--file", "-f", help="Automations file (Prefect automation schema)."
+    ),
+) -> None:
+    """Create or update the notification block (URL from the variable the file names, e.g.
+    DDCOLOR_NOTIFY_WEBHOOK_URL) and every automation of FILE, by name, on the server in PREFECT_API_URL."""
+    from ddcolor.automations import AutomationsError, apply_automations
+
+    try:
+        names = apply_automations(file)
+    except AutomationsError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(2) from None
+    for name in names:
+        typer.echo(f"automation applied: {name}")
+
+
 # --- validate ------------------------------------------------------------------------------------------
 @app.command("validate")
 def validate_command(
