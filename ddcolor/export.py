@@ -8,8 +8,10 @@ shape error: at a decoder Concat when the upsampled features no longer line up w
 at the final Add when they do but the stride-4 grid does not cover the input. `OnnxColorModel` checks the
 size first and raises the same `ValueError` as `DDColor.forward`.
 
-Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`; the dynamo exporter needs the
-`onnxscript` package, which this project does not depend on.
+Exporter: the current `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript, the `onnx` extra); the
+deprecated TorchScript exporter is not used. It names the output's spatial axes by their derivation
+(``32*((height//32))``); they are renamed ``height`` / ``width``, which they equal for the inputs the graph
+accepts (multiples of 32).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "gray_rgb"
 OUTPUT_NAME = "ab"
 MIN_OPSET = 17  # LayerNormalization
+DEFAULT_OPSET = 18  # the dynamo exporter's own opset: no version conversion
 
 
 def _export_module(model: DDColor | InferenceDDColor) -> InferenceDDColor:
@@ -54,7 +57,7 @@ def _export_module(model: DDColor | InferenceDDColor) -> InferenceDDColor:
 def export_onnx(
     model: DDColor | InferenceDDColor,
     path: str | os.PathLike[str],
-    opset: int = MIN_OPSET,
+    opset: int = DEFAULT_OPSET,
     *,
     sample_size: tuple[int, int] = (64, 96),
     check: bool = True,
@@ -65,9 +68,8 @@ def export_onnx(
         model: a `DDColor` (it is prepared with `prepare_for_inference(model, "fp32")`; `model` itself is
             not modified), or an fp32 `InferenceDDColor`.
         path: output `.onnx` file (parent folders are created; written atomically).
-        opset: ONNX opset, >= 17.
-        sample_size: (H, W) of the tracing input, multiples of 32; the result accepts any multiple of 32.
-            Keep H != W so that the tracer cannot confuse the two axes.
+        opset: ONNX opset, >= 17 (18 is the exporter's own; 17 is converted down).
+        sample_size: (H, W) of the example input, multiples of 32; the result accepts any multiple of 32.
         check: run `onnx.checker` on the result.
 
     Returns:
@@ -76,7 +78,8 @@ def export_onnx(
     Raises:
         ValueError: opset < 17, or a sample size that is not a multiple of 32.
     """
-    require("onnx", "onnx", "ONNX export")  # torch.onnx imports it mid-export; fail first with the install hint
+    onnx = require("onnx", "onnx", "ONNX export")
+    require("onnxscript", "onnx", "the torch.onnx exporter")
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     height, width = sample_size
@@ -86,26 +89,27 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     module = _export_module(model)
     sample = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-    dynamic = {0: "batch", 2: "height", 3: "width"}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # harmless
-            warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's own
-            torch.onnx.export(
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            program = torch.onnx.export(
                 module,
                 (sample,),
-                str(tmp),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: dynamic, OUTPUT_NAME: dynamic},
+                dynamic_shapes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
                 opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
+                dynamo=True,
+                verbose=False,
             )
+        proto = program.model_proto
+        dims = proto.graph.output[0].type.tensor_type.shape.dim
+        for dim, name in zip(dims, ("batch", None, "height", "width"), strict=True):
+            if name is not None:
+                dim.dim_param = name  # `32*((height//32))` etc.: equal for every accepted input
+        onnx.save(proto, str(tmp))
         if check:
-            onnx = require("onnx", "onnx", "ONNX export")
             onnx.checker.check_model(str(tmp))
         os.replace(tmp, path)
     finally:

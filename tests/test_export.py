@@ -116,29 +116,36 @@ def test_tiny_parity_dynamic_batch_and_size(tmp_path):
     assert_parity(model, net, [(1, 64, 96), (2, 128, 128)])
 
 
-def test_colorize_with_onnx_engine_matches_torch(tmp_path):
-    """`ddcolor colorize --engine onnx` (and an .onnx --model) gives the torch engine's pixels within 1 level."""
-    import numpy as np
+def test_colorize_with_onnx_engine_matches_torch(atto, atto_onnx, tmp_path):
+    """`ddcolor colorize` with an .onnx --model gives the torch engine's pixels within 1 level."""
     from PIL import Image
     from skimage import data
-    from typer.testing import CliRunner
 
-    from ddcolor.cli import app
-    from ddcolor.colorize import Colorizer, random_init_model
-    from ddcolor.export import export_onnx
+    from ddcolor.colorize import Colorizer
 
     photo = data.coffee()[::4, ::4]  # (100, 150, 3) uint8
-    model = random_init_model("atto", warn=False)
-    by_torch = Colorizer(model, input_size=64).colorize(photo)
-    by_onnx = Colorizer(model, input_size=64, engine="onnx").colorize(photo)
+    by_torch = Colorizer(atto, input_size=64, precision="fp32").colorize(photo)
+    by_onnx = Colorizer(str(atto_onnx), input_size=64, engine="onnx").colorize(photo)
     assert np.abs(by_torch.astype(int) - by_onnx.astype(int)).max() <= 1
 
-    onnx_file = export_onnx(model, tmp_path / "atto.onnx")
     Image.fromarray(photo).save(tmp_path / "in.png")
     result = CliRunner().invoke(
         app,
-        ["colorize", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "-m", str(onnx_file), "--input-size", "64"],
+        ["colorize", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "-m", str(atto_onnx), "--input-size", "64"],
     )
     assert result.exit_code == 0, result.output
     written = np.asarray(Image.open(tmp_path / "out" / "in.png"))
     assert np.abs(written.astype(int) - by_torch.astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+def test_onnx_engine_exports_a_torch_model_on_the_fly(atto):
+    """`Colorizer(model, engine="onnx")` exports the module itself (one more export: slow)."""
+    from skimage import data
+
+    from ddcolor.colorize import Colorizer
+
+    photo = data.coffee()[::4, ::4]
+    by_torch = Colorizer(atto, input_size=64, precision="fp32").colorize(photo)
+    by_onnx = Colorizer(atto, input_size=64, engine="onnx").colorize(photo)
+    assert np.abs(by_torch.astype(int) - by_onnx.astype(int)).max() <= 1
