@@ -117,6 +117,7 @@ class VideoInfo:
     duration_s: float | None
     rotation: int
     other_streams: tuple[str, ...]  # "audio:aac", "subtitle:mov_text", ...
+    sample_aspect_ratio: Fraction | None = None  # pixel shape (anamorphic video); None = square / unknown
 
 
 def _open(path: Path) -> Any:
@@ -172,6 +173,7 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
             frames=stream.frames or 0,
             duration_s=float(stream.duration * stream.time_base) if stream.duration else None,
             rotation=round(getattr(first, "rotation", 0) or 0),
+            sample_aspect_ratio=stream.sample_aspect_ratio or None,
             other_streams=tuple(o for o in others if not o.startswith("video:"))
             + tuple(f"video:{s.codec_context.name}" for s in container.streams.video[1:]),
         )
@@ -614,6 +616,8 @@ class _SegmentWriter:
         stream.pix_fmt = "yuvj420p" if info.pix_fmt in _FULL_RANGE else "yuv420p"
         stream.time_base = info.time_base
         stream.codec_context.time_base = info.time_base
+        if info.sample_aspect_ratio:
+            stream.codec_context.sample_aspect_ratio = info.sample_aspect_ratio
         if owner.encoder == "libx264":
             # bf=0: no B-frames, so dts = pts and independently encoded segments concatenate with exact timestamps
             stream.options = {"crf": str(owner.crf), "preset": owner.preset, "bf": "0"}

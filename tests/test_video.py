@@ -46,6 +46,7 @@ def make_clip(
     audio: bool = True,
     subtitles: bool = False,
     content: np.ndarray | None = None,
+    sar: Fraction | None = None,
 ) -> Path:
     """A gray H.264 clip (time base 1/90000, VFR by default) with optional AAC audio, SRT subtitles and rotation."""
     h, w = size
@@ -57,10 +58,14 @@ def make_clip(
         video.options = {"preset": "ultrafast"}
         if rotation:
             video.set_display_rotation(rotation)
+        if sar:
+            video.codec_context.sample_aspect_ratio = sar
         sound = container.add_stream("aac", rate=8000) if audio else None
         if sound is not None:
             sound.layout = "mono"
         subs = container.add_mux_stream("subrip") if subtitles else None
+        if subs is not None:
+            subs.metadata["language"] = "fra"
         pts = 0
         for i in range(frames):
             if content is not None:
@@ -120,7 +125,7 @@ def packets(path: Path, kind: str) -> list[tuple[Fraction | None, bytes]]:
 
 
 def test_timestamps_audio_rotation_and_luma_round_trip(tmp_path):
-    src = make_clip(tmp_path / "in.mp4", frames=14, rotation=90)
+    src = make_clip(tmp_path / "in.mp4", frames=14, rotation=90, sar=Fraction(4, 3))
     dst = tmp_path / "out" / "color.mp4"
     video = VideoColorizer(predictor=stub_predictor(32), size=32, batch_size=3, segment_frames=5, crf=0)
     result = video.colorize_video(src, dst)
@@ -136,6 +141,7 @@ def test_timestamps_audio_rotation_and_luma_round_trip(tmp_path):
     assert packets(dst, "audio") == packets(src, "audio")  # audio copied untouched
     info = probe_video(dst)
     assert (info.rotation, info.width, info.height, info.time_base) == (90, 64, 48, TB)
+    assert info.sample_aspect_ratio == Fraction(4, 3)
     assert not any(p.name.startswith(".") for p in dst.parent.iterdir())  # work folder and temp file gone
 
 
@@ -153,6 +159,8 @@ def test_subtitles_copied_and_container_from_output_name(tmp_path):
         ]
     )
     assert probe_video(dst).format.startswith("matroska")
+    with av.open(str(dst)) as container:
+        assert container.streams.subtitles[0].metadata.get("language") == "fra"
     # mp4 cannot hold SRT: the subtitle stream is dropped and reported, audio still copied
     result = VideoColorizer(predictor=stub_predictor(32), size=32).colorize_video(src, tmp_path / "out.mp4")
     assert result.dropped_streams == ["subtitle:srt#2"] and result.copied_streams == ["audio:aac#1"]
