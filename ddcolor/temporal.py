@@ -14,8 +14,9 @@ static scene at strength s). Occluded and newly visible pixels take the current 
 on the gray frames (histogram distance, or almost no reliable flow), the state is reset, so colors never bleed from
 one shot into the next. Only ab (Lab units) is touched: the lightness stays the input's.
 
-Everything works on a small grid: the network's S x S input (aspect squeezed as for the network), so the cost per
-frame is two DIS flows at S x S whatever the video resolution.
+Everything works on a small grid: the network's S x S input (aspect squeezed as for the network); the flows are
+computed at most 256 px wide (``flow_size``) and upsampled, so the cost per frame is two DIS flows at <= 256 x 256
+plus a few remaps at S x S, whatever the video resolution.
 
 Public API:
     TemporalStabilizer(strength=0.8, cut_threshold=0.5) -> call (gray uint8 (h, w), ab float32 (2, h, w)) -> ab
@@ -24,6 +25,7 @@ Public API:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +58,18 @@ def optical_flow(src: np.ndarray, dst: np.ndarray, dis: Any = None) -> np.ndarra
     return (dis or _dis()).calc(src, dst, None)
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates x, y (float32 (h, w) each), cached per size (read-only)."""
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx.flags.writeable = gy.flags.writeable = False
+    return gx, gy
+
+
 def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Sample ``image`` (h, w) or (h, w, C) at ``x + flow(x)`` (bilinear, edges replicated): brings the frame the
     flow points into onto the grid the flow was computed on."""
-    h, w = flow.shape[:2]
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx, gy = _grid(*flow.shape[:2])
     return cv2.remap(image, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -79,7 +88,7 @@ def flow_confidence(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     back = warp(backward, forward)
     err = np.sum((forward + back) ** 2, axis=2)
     bound = 0.01 * (np.sum(forward**2, axis=2) + np.sum(back**2, axis=2)) + 0.5
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx, gy = _grid(h, w)
     tx, ty = gx + forward[..., 0], gy + forward[..., 1]
     inside = (tx >= 0) & (tx <= w - 1) & (ty >= 0) & (ty <= h - 1)
     return ((err <= bound) & inside).astype(np.float32)
@@ -111,10 +120,17 @@ class TemporalStabilizer:
         min_confidence: a frame whose reliable-flow fraction is below this also starts a new shot (a cut between
             two shots with similar histograms, or a whip pan).
         sigma: photometric tolerance, gray levels (0..255), of the confidence term.
+        flow_size: the flow is computed on frames shrunk to at most this many px on the long side, then upsampled
+            (the cost of DIS grows with the area; color moves smoothly); None = on the full grid.
     """
 
     def __init__(
-        self, strength: float = 0.8, cut_threshold: float = 0.5, min_confidence: float = 0.1, sigma: float = 12.0
+        self,
+        strength: float = 0.8,
+        cut_threshold: float = 0.5,
+        min_confidence: float = 0.1,
+        sigma: float = 12.0,
+        flow_size: int | None = 256,
     ) -> None:
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"temporal strength must be in [0, 1], got {strength}")
@@ -122,6 +138,7 @@ class TemporalStabilizer:
         self.cut_threshold = cut_threshold
         self.min_confidence = min_confidence
         self.sigma = sigma
+        self.flow_size = flow_size
         self.stats = StabilizerStats()
         self._dis = _dis()
         self.reset()
@@ -142,6 +159,24 @@ class TemporalStabilizer:
         else:
             self.reset()
 
+    def _flows(self, cur: np.ndarray, prev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flows cur -> prev and prev -> cur on the (h, w) grid, computed at most ``flow_size`` px wide."""
+        h, w = cur.shape
+        scale = self.flow_size / max(h, w) if self.flow_size else 1.0
+        if scale >= 1.0:
+            return optical_flow(cur, prev, self._dis), optical_flow(prev, cur, self._dis)
+        size = (max(8, round(w * scale)), max(8, round(h * scale)))
+        small_cur = cv2.resize(cur, size, interpolation=cv2.INTER_AREA)
+        small_prev = cv2.resize(prev, size, interpolation=cv2.INTER_AREA)
+
+        def up(flow: np.ndarray) -> np.ndarray:
+            flow = cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR)
+            flow[..., 0] *= w / size[0]
+            flow[..., 1] *= h / size[1]
+            return flow
+
+        return up(optical_flow(small_cur, small_prev, self._dis)), up(optical_flow(small_prev, small_cur, self._dis))
+
     def __call__(self, gray: np.ndarray, ab: np.ndarray) -> np.ndarray:
         """Stabilise one frame.
 
@@ -161,8 +196,7 @@ class TemporalStabilizer:
             dist = gray_histogram_distance(self._gray, gray)
             self.stats = StabilizerStats(cut=True, confidence=0.0, histogram_distance=dist)
             if dist <= self.cut_threshold:
-                forward = optical_flow(gray, self._gray, self._dis)  # t -> t-1
-                backward = optical_flow(self._gray, gray, self._dis)  # t-1 -> t
+                forward, backward = self._flows(gray, self._gray)  # t -> t-1, t-1 -> t
                 conf = flow_confidence(forward, backward)
                 if conf.mean() >= self.min_confidence:
                     resid = gray.astype(np.float32) - warp(self._gray, forward).astype(np.float32)
