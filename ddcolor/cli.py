@@ -348,6 +348,21 @@ def colorize_archive_command(
         raise typer.Exit(1)
 
 
+@app.command("gc")
+def gc_command(
+    dest: Annotated[str, typer.Argument(metavar="DEST", help="Shard dataset (folder or s3:// prefix).")],
+    grace_hours: float = typer.Option(
+        24.0, "--grace-hours", min=0, help="Keep unlisted files younger than this (an ingest may be running)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+) -> None:
+    """Remove orphan shards (left by crashed ingests; never read) and old hash-index files of a dataset."""
+    from ddcolor.data.gc import collect_garbage
+
+    report = collect_garbage(dest, grace_s=grace_hours * 3600, dry_run=dry_run)
+    typer.echo(report.summary(dry_run))
+
+
 # --- demo and pipeline ---------------------------------------------------------------------------------
 def _flow_sections(overrides: list[str]) -> dict[str, dict]:
     """``["train.max_steps=50", "model.pretrained=null"]`` -> flow parameters ``{"train": {"max_steps": 50}, ...}``
@@ -673,6 +688,34 @@ def export_onnx_command(
     typer.echo(f"exported: {path} (opset {opset}; input gray_rgb (B,3,H,W), H and W multiples of 32)")
 
 
+# --- approve -------------------------------------------------------------------------------------------
+@app.command("approve")
+def approve_command(
+    target: str = typer.Argument(
+        ..., metavar="RUN_OR_VERSION", help="The paused train-ddcolor flow run id, or the registered version number."
+    ),
+    reject: bool = typer.Option(False, "--reject", help="Reject: the champion stays."),
+    comment: str = typer.Option("", "--comment", "-m", help="Why (recorded on the version as approval.comment)."),
+    by: str | None = typer.Option(None, "--by", help="Who answers (default: the login name)."),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="params.yaml (registry names). Default: ./params.yaml if present, else defaults."
+    ),
+) -> None:
+    """Approve (or --reject) a challenger waiting for a person (gates.require_approval): resumes its paused flow run,
+    or finishes a version held by a run without Prefect. Exit 1 when there is nothing to answer."""
+    import getpass
+
+    from ddcolor.approval import ApprovalError, answer
+
+    cfg = _train_config(config, [])
+    try:
+        line = answer(target, cfg, approve=not reject, comment=comment, approver=by or getpass.getuser())
+    except ApprovalError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(line)
+
+
 # --- automations ---------------------------------------------------------------------------------------
 automations_app = typer.Typer(no_args_is_help=True, help="Prefect automations (notifications) kept in the repository.")
 app.add_typer(automations_app, name="automations")
@@ -976,6 +1019,12 @@ def train_command(
     track: bool = typer.Option(True, "--track/--no-track", help="Log to MLflow (MLFLOW_TRACKING_URI)."),
     run_name: str | None = typer.Option(None, "--run-name", help="MLflow run name."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    result_json: str | None = typer.Option(
+        None,
+        "--result-json",
+        help="Write the result (model path, steps, final losses, MLflow run id and model URI, checkpoint) as JSON "
+        "here at the end (rank 0); the pipeline's torchrun path reads it.",
+    ),
 ) -> None:
     """Train DDColor (generator + discriminator) on a shard dataset. Multi-GPU: `torchrun ... -m ddcolor.cli train`.
 
@@ -983,8 +1032,10 @@ def train_command(
     could not be written, data, weights, tracking server), 2 on a bad configuration, 143 / 130 when SIGTERM / SIGINT
     stopped it (after finishing the current step and writing a checkpoint; a second signal exits at once).
     """
+    import os
+
     cfg = _train_config(config, overrides or [])
-    _run_training(
+    result = _run_training(
         cfg,
         data or cfg.data.shards_uri,
         out,
@@ -995,6 +1046,12 @@ def train_command(
         progress=progress,
         resume_strict=resume_strict,
     )
+    if result_json and os.environ.get("RANK", "0") == "0":  # every rank returns the result; rank 0 writes it
+        from dataclasses import asdict
+
+        from ddcolor.storage import write_json
+
+        write_json(result_json, asdict(result))
 
 
 @app.command("finetune")

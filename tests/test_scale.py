@@ -301,3 +301,27 @@ def test_hash_index_file_is_written_once_per_content(tmp_path):
     assert Path(uri).stat().st_size == 32 * 100
     index = _load_hash_index(uri)
     assert all(h in index for h in hashes) and os.urandom(32).hex() not in index
+
+
+def test_gc_removes_old_orphans_and_hash_indexes_never_a_listed_shard(tmp_path):
+    import shutil
+
+    from ddcolor.config import DataConfig
+    from ddcolor.data.gc import collect_garbage
+    from ddcolor.data.ingest import ingest, load_manifest, shard_uris, write_hash_index
+
+    make_random_images(tmp_path / "src", 6)
+    dest = str(tmp_path / "ds")
+    ingest(tmp_path / "src", dest, DataConfig(size=64, shard_rows=4, val_fraction=0.3), num_workers=0)
+    listed = shard_uris(dest)
+    orphan = Path(dest) / "shards" / "part-00099-deadbeef.parquet"  # as a crashed run leaves it
+    shutil.copy(listed[0], orphan)
+    index = write_hash_index(dest, ["ab" * 32])
+
+    young = collect_garbage(dest)  # default grace 24 h: a running ingest's files are kept
+    assert young.removed == [] and sorted(young.kept_young) == sorted([str(orphan), index])
+    dry = collect_garbage(dest, grace_s=0, dry_run=True)
+    assert sorted(dry.removed) == sorted([str(orphan), index]) and orphan.exists()
+    done = collect_garbage(dest, grace_s=0)
+    assert sorted(done.removed) == sorted([str(orphan), index]) and not orphan.exists() and not Path(index).exists()
+    assert all(Path(u).is_file() for u in listed) and shard_uris(dest) == listed and load_manifest(dest)
