@@ -45,7 +45,15 @@ from ddcolor.tracking import client as tracking_client
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["LOCK_SUFFIX", "LockLostError", "LockTimeoutError", "PromotionLease", "lock_generations", "promotion_lock"]
+__all__ = [
+    "LOCK_SUFFIX",
+    "LockLostError",
+    "LockTimeoutError",
+    "PromotionLease",
+    "lease_state",
+    "lock_generations",
+    "promotion_lock",
+]
 
 log = logging.getLogger(__name__)
 
