@@ -51,6 +51,8 @@ __all__ = [
     "normalize_format",
     "pil_to_float",
     "read_image",
+    "read_rgb8",
+    "read_rgb8_image",
     "to_uint",
     "write_image",
 ]
@@ -275,6 +277,46 @@ def _upright_exif(im: Image.Image, fmt: str) -> bytes | None:
         return None
 
 
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike[str] | io.BytesIO, name: str | os.PathLike[str], max_pixels: int | None):
+    """Open ``source`` with PIL (format and pixel-count checked, not yet decoded) and map every failure, also those
+    raised while the caller decodes inside the ``with`` block, to an `ImageReadError` naming ``name``.
+
+    Yields:
+        (image, format): the open PIL image and its canonical format name ("JPEG", "PNG", ...).
+    """
+    limit = f"--max-pixels limit of {max_pixels:,}" if max_pixels else "pixel limit"
+    hint = "Raise --max-pixels (0 = no limit) if you trust the file."
+    with _pixel_limit(max_pixels):
+        try:
+            with Image.open(source) as im:
+                fmt = _FORMAT_ALIASES.get(im.format or "", im.format or "")
+                if fmt not in FORMAT_EXTENSIONS:
+                    raise ImageReadError(name, f"unsupported format {im.format}; supported: JPEG, PNG, WebP, TIFF, BMP")
+                width, height = im.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageReadError(
+                        name, f"too large: {width}x{height} = {width * height:,} pixels exceeds the {limit}. {hint}"
+                    )
+                if getattr(im, "n_frames", 1) > 1:
+                    log.info("%s has %d frames; colorizing the first", name, im.n_frames)
+                yield im, fmt
+        except ImageReadError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageReadError(name, f"too large (decompression-bomb guard, {limit}): {err} {hint}") from None
+        except UnidentifiedImageError:
+            raise ImageReadError(name, "not an image, or an unsupported format (PIL cannot identify it)") from None
+        except MemoryError:
+            raise ImageReadError(
+                name, "out of memory while decoding; lower --max-pixels or use a bigger machine"
+            ) from None
+        except ValueError as err:
+            raise ImageReadError(name, str(err)) from None
+        except Exception as err:  # PIL signals corrupt data with OSError, SyntaxError, EOFError, struct.error, ...
+            raise ImageReadError(name, f"truncated or corrupt image data ({type(err).__name__}: {err})") from None
+
+
 def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image file for colorization.
 
@@ -298,41 +340,57 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
         raise ImageReadError(path, f"cannot access: {err.strerror or err}") from None
     if nbytes == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
-    limit = f"--max-pixels limit of {max_pixels:,}" if max_pixels else "pixel limit"
-    hint = "Raise --max-pixels (0 = no limit) if you trust the file."
-    with _pixel_limit(max_pixels):
-        try:
-            with Image.open(path) as im:
-                fmt = _FORMAT_ALIASES.get(im.format or "", im.format or "")
-                if fmt not in FORMAT_EXTENSIONS:
-                    raise ImageReadError(path, f"unsupported format {im.format}; supported: JPEG, PNG, WebP, TIFF, BMP")
-                width, height = im.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageReadError(
-                        path, f"too large: {width}x{height} = {width * height:,} pixels exceeds the {limit}. {hint}"
-                    )
-                if getattr(im, "n_frames", 1) > 1:
-                    log.info("%s has %d frames; colorizing the first", path, im.n_frames)
-                im.load()
-                icc = im.info.get("icc_profile") or None
-                upright = ImageOps.exif_transpose(im)
-                exif = _upright_exif(im, fmt)  # after the transpose: this edits the EXIF that `im` holds
-                rgb, alpha, bit_depth = pil_to_float(upright)
-                return LoadedImage(rgb, alpha, bit_depth, fmt, exif=exif, icc_profile=icc, mode=im.mode)
-        except ImageReadError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageReadError(path, f"too large (decompression-bomb guard, {limit}): {err} {hint}") from None
-        except UnidentifiedImageError:
-            raise ImageReadError(path, "not an image, or an unsupported format (PIL cannot identify it)") from None
-        except MemoryError:
-            raise ImageReadError(
-                path, "out of memory while decoding; lower --max-pixels or use a bigger machine"
-            ) from None
-        except ValueError as err:
-            raise ImageReadError(path, str(err)) from None
-        except Exception as err:  # PIL signals corrupt data with OSError, SyntaxError, EOFError, struct.error, ...
-            raise ImageReadError(path, f"truncated or corrupt image data ({type(err).__name__}: {err})") from None
+    with _opened(path, path, max_pixels) as (im, fmt):
+        im.load()
+        icc = im.info.get("icc_profile") or None
+        upright = ImageOps.exif_transpose(im)
+        exif = _upright_exif(im, fmt)  # after the transpose: this edits the EXIF that `im` holds
+        rgb, alpha, bit_depth = pil_to_float(upright)
+        return LoadedImage(rgb, alpha, bit_depth, fmt, exif=exif, icc_profile=icc, mode=im.mode)
+
+
+def read_rgb8(
+    data: bytes, name: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_side: int = 0
+) -> np.ndarray:
+    """Decode image file bytes straight to 8-bit sRGB: what dataset ingestion needs, without a float copy.
+
+    The same pixels as ``to_uint(read_image(file).rgb, 8)`` (EXIF orientation, ICC -> sRGB, alpha dropped, 16-bit
+    gray rounded to 8 bits), the same `ImageReadError` reasons (naming ``name``), but 8-bit sources (nearly all
+    photos) never go through float32.
+
+    Args:
+        data: the file's bytes. name: the file (for messages). max_pixels: bomb guard (None = no limit).
+        draft_side: when > 0 and the file is a JPEG whose both sides are at least twice this, let the JPEG decoder
+            scale down by 1/2, 1/4 or 1/8 in the DCT domain (`PIL.Image.Image.draft`), keeping both sides >=
+            ``draft_side``. Much faster for photos far larger than the target; the pixels then differ from a full
+            decode by about one 8-bit level after a later resize to at most half of ``draft_side``.
+
+    Returns:
+        uint8 (H, W, 3) sRGB, upright.
+    """
+    return np.array(read_rgb8_image(data, name, max_pixels, draft_side), dtype=np.uint8)
+
+
+def read_rgb8_image(
+    data: bytes, name: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_side: int = 0
+) -> Image.Image:
+    """`read_rgb8` as a decoded PIL image of mode ``RGB`` (saves a copy when the next step is a PIL resize)."""
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    with _opened(io.BytesIO(data), name, max_pixels) as (im, fmt):
+        if draft_side > 0 and fmt == "JPEG" and min(im.size) >= 2 * draft_side:
+            im.draft(None, (draft_side, draft_side))
+        im.load()
+        upright = ImageOps.exif_transpose(im)
+        if upright.mode not in ("L", "RGB", "CMYK"):  # palette, alpha, 16-bit, ...: the general path
+            rgb, _, _ = pil_to_float(upright)
+            return Image.fromarray(to_uint(rgb, 8), mode="RGB")
+        icc = upright.info.get("icc_profile")
+        if icc:
+            upright = _to_srgb(upright, icc) or upright
+        if upright.mode != "RGB":
+            upright = upright.convert("RGB")  # gray: three equal channels; CMYK without a usable profile: naive
+        return upright if upright is not im else im.copy()  # closing `im` discards its pixels
 
 
 # --- writing ---------------------------------------------------------------------------------------------
