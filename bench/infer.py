@@ -148,8 +148,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def gemm_rate(dtype: torch.dtype, device: torch.device, n: int = 4096, repeats: int = 5) -> float:
-    """Best-of GFLOP/s of an n x n x n matmul."""
+def gemm_rate(
+    dtype: torch.dtype, device: torch.device, n: int = 4096, repeats: int = 5, budget_s: float = 1.0
+) -> float:
+    """Best-of GFLOP/s of an n x n x n matmul; n is halved (down to 512) until one multiply takes about ``budget_s``
+    or less, so that emulated bf16 (30-80x slower without avx512_bf16 / AMX) does not take minutes."""
+    probe = torch.randn(512, 512, device=device).to(dtype)
+    probe @ probe
+    start = time.perf_counter()
+    probe @ probe
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    probe_rate = 2 * 512**3 / max(time.perf_counter() - start, 1e-9)
+    while n > 512 and 2 * n**3 / probe_rate > budget_s:
+        n //= 2
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
@@ -233,7 +245,7 @@ def main() -> None:
         dev = torch.device(device)
         rates[device] = {dt: gemm_rate(dt, dev) for dt in (torch.float32, torch.bfloat16)}
         print(
-            f"# {device} GEMM 4096^3: fp32 {rates[device][torch.float32]:.0f} GFLOP/s, "
+            f"# {device} GEMM (up to 4096^3): fp32 {rates[device][torch.float32]:.0f} GFLOP/s, "
             f"bf16 {rates[device][torch.bfloat16]:.0f} GFLOP/s"
         )
     print(f"# batch {args.batch}, {args.repeats} timed runs after 1 warm-up, median; peak memory: see docstring")
