@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,19 @@ def test_bad_rendezvous_settings_say_what_to_give(kwargs, match):
         Rendezvous(**kwargs)
 
 
+def _wait_for_port(endpoint: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import socket
+
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"node 0 did not open the rendezvous store at {endpoint}")
+
+
 @pytest.mark.slow
 def test_two_nodes_one_process_each_end_with_identical_weights(tmp_path):
     """Two torchrun agents (as on two machines: --nnodes 2, each --nproc_per_node 1, its own --node_rank) meet at a
@@ -66,15 +80,28 @@ def test_two_nodes_one_process_each_end_with_identical_weights(tmp_path):
     for node_rank in (0, 1):
         args = Rendezvous(2, node_rank, endpoint, run_id="test-2x1").torchrun_args(1)
         out = tmp_path / f"node{node_rank}"
+        out.mkdir()  # rank 0 alone creates its --out; the other node's rank saves its weights here too
         cmd = [sys.executable, "-m", "torch.distributed.run", *args, str(script), dataset, str(out), overrides]
-        nodes.append((out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-    for _, proc in nodes:
-        output, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, output[-4000:]
+        log = open(tmp_path / f"node{node_rank}.log", "w")  # noqa: SIM115 - closed below
+        nodes.append((out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        if node_rank == 0:  # node 0 hosts the store: on a loaded machine its start can outlast node 1's 60 s wait
+            _wait_for_port(endpoint, nodes[0][1])
+    deadline = time.monotonic() + 600
+    while any(proc.poll() is None for _, proc, _ in nodes) and time.monotonic() < deadline:
+        if any(proc.returncode not in (None, 0) for _, proc, _ in nodes):
+            break  # one node failed: the other would wait for it until the rendezvous timeout
+        time.sleep(0.5)
+    for _, proc, log in nodes:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+    for node_rank, (_, proc, _) in enumerate(nodes):
+        assert proc.returncode == 0, (tmp_path / f"node{node_rank}.log").read_text()[-4000:]
 
     # the rendezvous assigns global ranks; each node's folder holds its one rank's state
-    states = [torch.load(next(out.glob("rank*.pt")), weights_only=False) for out, _ in nodes]
-    assert sorted(int(next(out.glob("rank*.pt")).stem[4:]) for out, _ in nodes) == [0, 1]
+    states = [torch.load(next(out.glob("rank*.pt")), weights_only=False) for out, _, _ in nodes]
+    assert sorted(int(next(out.glob("rank*.pt")).stem[4:]) for out, _, _ in nodes) == [0, 1]
     assert all(s["world_size"] == 2 and s["steps"] == 2 for s in states)
     a, b = states
     assert not set(a["seen"][0]["sha256"]) & set(b["seen"][0]["sha256"])  # disjoint data per rank
