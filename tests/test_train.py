@@ -200,7 +200,8 @@ def test_grad_accumulation_matches_one_big_batch(dataset, tmp_path):
     """
     grads = []
     for accum in (1, 4):
-        cfg = tiny_config("train.batch_size=4", f"train.grad_accum_steps={accum}")
+        # fp32: the accumulation arithmetic, not bf16 rounding (train.amp=auto is bf16 on AMX CPUs)
+        cfg = tiny_config("train.batch_size=4", f"train.grad_accum_steps={accum}", "train.amp=none")
         trainer = Trainer(cfg, dataset, out_dir=tmp_path / str(accum), progress=False, image_every=0)
         trainer.setup()
         try:
