@@ -93,7 +93,8 @@ def run_ingest(src: Path, dest: Path, size: int, mapper: Callable | None, worker
 def run_archive(src: Path, out: Path, model: Path, mapper: Callable | None, workers: int) -> dict[str, float]:
     from ddcolor.archive import ColorizeSettings, colorize_archive
 
-    settings = ColorizeSettings(input_size=256, precision="fp32", device="cpu")
+    # one torch thread per worker process: N workers = N cores (ingest workers do the same); per-core rates
+    settings = ColorizeSettings(input_size=256, precision="fp32", device="cpu", torch_threads=1)
     counting = Counting(mapper) if mapper else None
     start = time.perf_counter()
     report = colorize_archive(

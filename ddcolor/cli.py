@@ -297,6 +297,9 @@ def colorize_archive_command(
     max_pixels: int | None = typer.Option(
         None, "--max-pixels", min=0, help="Decompression-bomb guard per image; 0 = no limit. Default as colorize."
     ),
+    torch_threads: int | None = typer.Option(
+        None, "--torch-threads", min=1, help="Torch threads per worker process (default: torch's; cores/--workers)."
+    ),
 ) -> None:
     """Colorize a whole collection (resumable): outputs keep each input's format, size and metadata; a manifest
     (DST/colorize-manifest.parquet) accounts for every input; a rerun skips what this model already colorized.
@@ -325,6 +328,7 @@ def colorize_archive_command(
             ab_upsample=ab_upsample,
             device=device,
             max_pixels=limit,
+            torch_threads=torch_threads,
             return_state=True,
         )
         if not state.is_completed():
@@ -335,7 +339,7 @@ def colorize_archive_command(
         if result["failed"]:
             raise typer.Exit(1)
         return
-    settings = archive.ColorizeSettings(input_size, ab_upsample, device, precision, limit)
+    settings = archive.ColorizeSettings(input_size, ab_upsample, device, precision, limit, torch_threads)
     try:
         report = archive.colorize_archive(
             source, out, model, settings=settings, workers=workers, batch_size=batch_size, progress=True
@@ -901,15 +905,9 @@ def samples_command(
 
 
 # --- train ---------------------------------------------------------------------------------------------
-#: `ddcolor finetune` recipe, applied before the user's KEY=VALUE overrides (which win). Effective batch 16 on one
-#: GPU as micro-batch 4 x 4 accumulation steps (the official per-GPU batch); 4 = 2 x 2 on CPU.
-FINETUNE_DEFAULTS = (
-    "train.max_steps=2000",
-    "train.lr=1e-5",
-    "train.milestones=[1000, 1500]",
-    "train.checkpoint_every=500",
-    "train.log_every=20",
-)
+#: `ddcolor finetune`: the packaged ``finetune`` recipe (ddcolor/configs/finetune.yaml), applied before the user's
+#: KEY=VALUE overrides (which win), then the batch layout of this machine: effective batch 16 on one GPU as
+#: micro-batch 4 x 4 accumulation steps (the official per-GPU batch); 4 = 2 x 2 on CPU.
 FINETUNE_DEFAULTS_GPU = ("train.batch_size=16", "train.grad_accum_steps=4")
 FINETUNE_DEFAULTS_CPU = ("train.batch_size=4", "train.grad_accum_steps=2")
 
@@ -1080,14 +1078,18 @@ def finetune_command(
     Defaults (override with KEY=VALUE): 2000 steps, lr 1e-5 (decayed at 1000, 1500), effective batch 16 = 4 x 4
     accumulation on a GPU (4 = 2 x 2 on CPU).
     """
+    import json
+
     import torch
 
     from ddcolor.data.ingest import IngestError, ingest
     from ddcolor.data.validate import Tolerances, validate_dataset, write_reports
+    from ddcolor.recipes import recipe_overrides
     from ddcolor.storage import StorageError, join
 
+    recipe = tuple(f"{key}={json.dumps(value)}" for key, value in recipe_overrides("finetune").items())
     hardware = FINETUNE_DEFAULTS_GPU if torch.cuda.is_available() else FINETUNE_DEFAULTS_CPU
-    cfg = _train_config(config, overrides or [], defaults=(*FINETUNE_DEFAULTS, *hardware))
+    cfg = _train_config(config, overrides or [], defaults=(*recipe, *hardware))
     dataset = join(out, "data")
     try:
         report = ingest(source, dataset, cfg, progress=progress)

@@ -44,6 +44,7 @@ def colorize_archive_flow(
     ab_upsample: str = "bilinear",
     device: str = "auto",
     max_pixels: int | None = archive.DEFAULT_MAX_PIXELS,
+    torch_threads: int | None = None,
 ) -> State:
     """Colorize every image under ``source`` into ``out`` (see `ddcolor.archive`).
 
@@ -52,6 +53,8 @@ def colorize_archive_flow(
         task_runner: where the batches run (`ddcolor.fanout.TASK_RUNNERS`). workers: processes of ``process`` /
             a temporary ``dask`` cluster / CPUs of a local ``ray`` (None: one per core).
         batch_size: files per task. input_size, precision, ab_upsample, device, max_pixels: as ``ddcolor colorize``.
+        torch_threads: torch threads per worker process (None: torch's default; give cores / processes when several
+            worker processes share a machine).
 
     Returns:
         Completed, message the counts, result the report as a dict. Bad inputs (corrupt, unsupported) do not fail
@@ -67,7 +70,7 @@ def colorize_archive_flow(
             update_progress_artifact(progress_id, 100.0 * done / max(total, 1))
 
     mapper = fanout.TaskRunnerMapper(runner, "colorize-batch", retries=BATCH_RETRIES)
-    settings = archive.ColorizeSettings(input_size, ab_upsample, device, precision, max_pixels)
+    settings = archive.ColorizeSettings(input_size, ab_upsample, device, precision, max_pixels, torch_threads)
     report = archive.colorize_archive(
         source, out, model, settings=settings, map_batches=mapper, batch_size=batch_size, on_progress=on_result
     )
