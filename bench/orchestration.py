@@ -42,29 +42,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def tiny_sections(steps: int, size: int) -> dict[str, dict]:
-    """The recipe as params.yaml sections (the flow's parameters; flattened for `load_config`)."""
-    return {
-        "data": {"size": size, "num_workers": 0, "min_colorfulness": 0, "val_fraction": 0.25},
-        "model": {
-            "preset": "atto",
-            "pretrained": None,
-            "num_queries": 16,
-            "dec_layers": 3,
-            "nf": 128,
-            "hidden_dim": 128,
-            "nheads": 4,
-            "dim_feedforward": 512,
-            "disc_nf": 16,
-        },
-        "train": {"device": "cpu", "batch_size": 2, "max_steps": steps, "loss_perceptual": 0, "log_every": 1},
-        "eval": {
-            "metric_weights": "random",
-            "metrics": ["colorfulness", "delta_colorfulness", "psnr"],
-            "image_size": size,
-            "max_images": 4,
-        },
-        "gates": {"fid_margin_vs_champion": None},
-    }
+    """The tests' tiny recipe (``ddcolor/configs/tiny.yaml``) with `steps` and `size` px, as params.yaml sections
+    (the flow's parameters; flattened for `load_config`)."""
+    from ddcolor.recipes import recipe_sections
+
+    sections = recipe_sections("tiny")
+    sections["data"]["size"] = sections["eval"]["image_size"] = size
+    sections["train"]["max_steps"] = steps
+    return sections
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from ddcolor.colorize import RANDOM_INIT_WARNING, Colorizer, ColorizeReport, col
 from ddcolor.colorize import random_init_model as _random_init_model
 from ddcolor.imageio import to_uint
 from ddcolor.model import DDColor
+from ddcolor.recipes import recipe_sections
 
 __all__ = [
     "DEFAULT_RELEASE",
@@ -229,11 +230,14 @@ def run_demo(
 
 #: Training steps of ``ddcolor demo``: about 2 minutes of atto at 128 px, bf16, batch 4 on 2 AMX cores (~1.3 s/step).
 PIPELINE_DEMO_STEPS = 80
-#: The demo's recipe on top of the built-in defaults (`ddcolor.config`), whatever params.yaml the working directory has.
-PIPELINE_DEMO_PRESET = "atto"  # the smallest encoder: the only one that trains in minutes on a CPU
-PIPELINE_DEMO_BATCH = 4  # images per step (official: 16)
-PIPELINE_DEMO_SIZE = 128  # px: training and evaluation images (4x fewer pixels than 256, a step several times faster)
-PIPELINE_DEMO_INPUT_SIZE = 256  # px: network input when the champion colorizes the sample photos
+#: The demo's recipe on top of the built-in defaults (`ddcolor.config`), whatever params.yaml the working directory has:
+#: the packaged ``demo`` recipe (ddcolor/configs/demo.yaml, the reasons beside each value) plus what
+#: `pipeline_demo_sections` adds here. Its main numbers, for messages and timings:
+_RECIPE = recipe_sections("demo")
+PIPELINE_DEMO_PRESET = _RECIPE["model"]["preset"]  # atto: the only encoder that trains in minutes on a CPU
+PIPELINE_DEMO_BATCH = _RECIPE["train"]["batch_size"]  # images per step
+PIPELINE_DEMO_SIZE = _RECIPE["data"]["size"]  # px: training and evaluation images
+PIPELINE_DEMO_INPUT_SIZE = _RECIPE["model"]["input_size"]  # px: network input when colorizing the sample photos
 #: Seconds of ``ddcolor demo`` besides training (Prefect start, samples, ingest, validation, evaluation, registry,
 #: colorizing the photos), measured on a 2-core AMX Xeon; slower CPUs take longer.
 PIPELINE_DEMO_OTHER_S = 40
@@ -258,29 +262,14 @@ def pipeline_demo_sections(
 
     out = Path(out)
     cached = {row.name for row in weights.status() if row.present}
-    sections: dict[str, dict] = {
-        "data": {
-            "source": str(out / "data" / "raw"),
-            "shards_uri": str(out / "data" / "shards"),
-            "size": PIPELINE_DEMO_SIZE,
-            "val_fraction": 0.1,  # ~5 of 48 images held out for evaluation
-            "num_workers": 0,  # 2 cores: loader workers would only compete with training
-        },
-        "model": {"preset": PIPELINE_DEMO_PRESET, "input_size": PIPELINE_DEMO_INPUT_SIZE},
-        "train": {
-            "max_steps": steps,
-            "batch_size": PIPELINE_DEMO_BATCH,
-            "grad_accum_steps": 1,
-            "amp": amp,  # auto: bf16 only where the CPU/GPU has it natively (80x slower emulated on AVX2)
-            "device": "auto" if torch.cuda.is_available() else "cpu",
-            "lr": 5e-4,  # a short schedule: a larger step size than the official 1e-4 shows color sooner
-            "log_every": 10,
-            "checkpoint_every": steps,
-        },
-        "eval": {"image_size": PIPELINE_DEMO_SIZE, "batch_size": 8},
-        "registry": {"model_name": "ddcolor-demo", "experiment_name": "ddcolor-demo"},
-        "gates": {"allow_small_fid_sample": True},
-    }
+    sections = recipe_sections("demo")  # the static part (ddcolor/configs/demo.yaml)
+    sections["data"].update(source=str(out / "data" / "raw"), shards_uri=str(out / "data" / "shards"))
+    sections["train"].update(
+        max_steps=steps,
+        amp=amp,  # auto: bf16 only where the CPU/GPU has it natively (80x slower emulated on AVX2)
+        device="auto" if torch.cuda.is_available() else "cpu",
+        checkpoint_every=steps,
+    )
     warnings: list[str] = [
         "SMALL-SAMPLE FID: the demo evaluates ~5 images, far below gates.min_fid_images (2048); its FID is mostly "
         "bias and is gated anyway only because the demo sets gates.allow_small_fid_sample: true."

@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddcolor.recipes import recipe_sections
+
 # --- S3 server -------------------------------------------------------------------------------------------
 
 S3_BUCKET = "ddcolor-test"
@@ -413,32 +415,10 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 #     params = tiny_recipe(data={"shard_rows": 4})      # params.yaml sections (flow / deployment parameters)
 #     cfg = load_config(None, dotted(params))           # the same as dotted overrides
 
-#: A whole pipeline run in seconds on 2 CPU cores, shared by the pipeline, flow, DVC and deployment tests: random-init
-#: atto with a small decoder (as tests/test_learning.py), 64 px, 2 steps, metrics without Inception/AlexNet (no
-#: weights cache; FID is not computed, so its champion margin is off).
-TINY_RECIPE: dict[str, dict] = {
-    "data": {"size": 64, "num_workers": 0, "min_colorfulness": 0, "val_fraction": 0.25},
-    "model": {
-        "preset": "atto",
-        "pretrained": None,
-        "num_queries": 16,
-        "dec_layers": 3,
-        "nf": 128,
-        "hidden_dim": 128,
-        "nheads": 4,
-        "dim_feedforward": 512,
-        "disc_nf": 16,
-    },
-    "train": {"device": "cpu", "batch_size": 2, "max_steps": 2, "loss_perceptual": 0, "log_every": 1},
-    "eval": {
-        "metric_weights": "random",
-        "metrics": ["colorfulness", "delta_colorfulness", "psnr"],
-        "image_size": 64,
-        "max_images": 4,
-    },
-    # FID is not computed (too slow); were it gated, 4 images are far below gates.min_fid_images: allowed, as said here
-    "gates": {"fid_margin_vs_champion": None, "allow_small_fid_sample": True},
-}
+#: A whole pipeline run in seconds on 2 CPU cores, shared by the pipeline, flow, DVC and deployment tests: the
+#: packaged ``tiny`` recipe (ddcolor/configs/tiny.yaml: random-init atto with a small decoder, 64 px, 2 steps, metrics
+#: without Inception/AlexNet), also what bench/orchestration.py runs.
+TINY_RECIPE: dict[str, dict] = recipe_sections("tiny")
 
 
 def tiny_recipe(**changes: dict) -> dict[str, dict]:
