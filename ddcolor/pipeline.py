@@ -29,12 +29,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,20 +61,28 @@ __all__ = [
     "Fingerprint",
     "PipelineResult",
     "PromotionOutcome",
+    "Steps",
     "ValidationFailed",
+    "colorize_grid_step",
     "colorize_step",
+    "evaluate_metrics_step",
     "evaluate_step",
     "fingerprint",
+    "fingerprint_step",
     "ingest_step",
     "is_transient",
     "log_grid",
     "promote_step",
+    "read_train_result",
+    "run_name",
     "run_pipeline",
     "section_overrides",
     "should_skip",
     "torchrun_command",
     "train_distributed_step",
+    "train_model_step",
     "train_step",
+    "validate_report_step",
     "validate_step",
 ]
 
@@ -181,6 +189,24 @@ def should_skip(fp: Fingerprint, champion: ChampionInfo | None, *, force: bool =
     )
 
 
+def fingerprint_step(
+    config: Config, tracking_uri: str | None = None
+) -> tuple[dict[str, Any], Fingerprint, ChampionInfo | None]:
+    """The dataset version (as a dict), this run's `Fingerprint` and the current champion (None when there is none)."""
+    from ddcolor.data.version import dataset_version
+
+    dataset = dataset_version(config.data.shards_uri)
+    champion = champion_info(config, tracking_uri=_tracking_uri(tracking_uri))
+    return dataset.to_dict(), fingerprint(config, dataset), champion
+
+
+def run_name(config: Config, fp: Fingerprint, now: datetime | None = None) -> str:
+    """``train-<preset>-<UTC yyyymmdd-HHMMSS>-<fingerprint[:8]>``: the flow run, the MLflow run and the output folder
+    ``work_dir/runs/<name>`` of one training all carry it."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+    return f"train-{config.model.preset}-{stamp}-{fp.value[:8]}"
+
+
 # --- steps -----------------------------------------------------------------------------------------------------
 
 
@@ -240,8 +266,12 @@ def train_step(
     run_name: str | None = None,
     progress: bool = True,
     init: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train in this process into a new MLflow run (every param logged, `tags` set) and log the model to it.
+
+    ``on_progress(step, max_steps)`` is called at every ``train.log_every`` step and at the last (the flow updates
+    a Prefect progress artifact with it).
 
     Raises:
         ddcolor.tracking.TrackingError: MLflow unreachable at start (transient).
@@ -252,9 +282,10 @@ def train_step(
 
     uri = _tracking_uri(tracking_uri)
     tracker = start_tracker(config, run_name=run_name, tracking_uri=uri, tags=tags, dataset_uri=dataset_uri)
+    watched = _ProgressTracker(tracker, on_progress, config) if on_progress else tracker
     status = "FAILED"
     try:
-        result = train(config, dataset_uri, out_dir=out_dir, init=init, tracker=tracker, progress=progress)
+        result = train(config, dataset_uri, out_dir=out_dir, init=init, tracker=watched, progress=progress)
         status = "FINISHED"
     except (KeyboardInterrupt, TrainingStopped):  # a signal: the run was stopped (and checkpointed), not failed
         status = "KILLED"
@@ -263,6 +294,26 @@ def train_step(
         tracker.finish(status)
     log.info("train: %d steps, run %s, model %s", result.steps, result.run_id, result.model_uri)
     return result
+
+
+class _ProgressTracker:
+    """A tracker that also reports training progress: ``on_progress(step, max_steps)`` at every log step (the
+    trainer logs ``train/*`` metrics once per optimizer step); everything else goes to the wrapped tracker."""
+
+    def __init__(self, tracker: Any, on_progress: Callable[[int, int], None], config: Config) -> None:
+        self._tracker, self._on_progress = tracker, on_progress
+        self._every, self._total = max(1, config.train.log_every), config.train.max_steps
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._tracker.log_metrics(metrics, step=step)
+        if step is not None and "train/images_per_s" in metrics and (step % self._every == 0 or step >= self._total):
+            try:
+                self._on_progress(step, self._total)
+            except Exception as err:  # progress display must never stop training
+                log.warning("progress report failed at step %d: %s", step, err)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tracker, name)
 
 
 def torchrun_command(
@@ -274,13 +325,14 @@ def torchrun_command(
     run_name: str | None = None,
     python: str = sys.executable,
     rendezvous: Rendezvous | None = None,
+    result_json: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """``torchrun --standalone --nproc_per_node N -m ddcolor.cli train ...`` for one multi-GPU node; with a
     multi-node `ddcolor.launch.Rendezvous`, ``torchrun --nnodes M --node_rank R --rdzv_backend c10d
     --rdzv_endpoint HOST:PORT --rdzv_id ID ...`` (every node runs it with its own node rank).
 
     ``torchrun`` is the script installed next to `python` when present, else ``python -m torch.distributed.run``
-    (the same program).
+    (the same program). ``result_json``: rank 0 writes the `TrainResult` there (``ddcolor train --result-json``).
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -300,10 +352,31 @@ def torchrun_command(
         str(out_dir),
         "--no-progress",
     ]
+    if result_json is not None:
+        cmd += ["--result-json", str(result_json)]
     return [*cmd, "--run-name", run_name] if run_name else cmd
 
 
-_RUN_LINE = re.compile(r"MLflow run: (?P<run>[0-9a-f]{32})(?:; model: (?P<model>\S+))?")
+RESULT_JSON = "train_result.json"  # what `ddcolor train --result-json` writes in the torchrun path, in out_dir
+
+
+def read_train_result(path: str | os.PathLike[str]) -> TrainResult:
+    """The `TrainResult` that ``ddcolor train --result-json PATH`` wrote (the contract of the torchrun path).
+
+    Raises:
+        RuntimeError: no such file, or not a TrainResult (names the file).
+    """
+    from ddcolor.train import TrainResult
+
+    try:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(TrainResult)}
+        return TrainResult(**{k: v for k, v in data.items() if k in known})
+    except (OSError, ValueError, TypeError) as err:
+        raise RuntimeError(
+            f"{path}: no readable training result ({err}); `ddcolor train --result-json` writes it at the end of a "
+            "run on rank 0: check the training output above"
+        ) from err
 
 
 def train_distributed_step(
@@ -316,42 +389,77 @@ def train_distributed_step(
     tags: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     rendezvous: Rendezvous | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train with `torchrun_command` (DDP over `nproc_per_node` processes): the resolved config is written to
-    ``out_dir/params.resolved.yaml``, rank 0's MLflow run id is read from the command's output, then `tags` are set.
+    ``out_dir/params.resolved.yaml``; the command's output goes line by line, as it comes, to ``on_line`` (default:
+    this module's logger); rank 0's `TrainResult` is read from ``out_dir/train_result.json``
+    (``ddcolor train --result-json``), then `tags` are set on its MLflow run.
     ``rendezvous``: this node's part of a multi-node run (the other nodes run the same command with their own node
     rank, e.g. the pods of infra/k8s/examples/train-multinode-job.yaml); None: one node.
 
     Raises:
         RuntimeError: the command failed (its exit code and the last output lines).
     """
-    from ddcolor.train import TrainResult
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "params.resolved.yaml"
     config_path.write_text(config.to_yaml())
-    cmd = torchrun_command(config_path, dataset_uri, out, nproc_per_node, run_name=run_name, rendezvous=rendezvous)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=_tracking_uri(tracking_uri))
+    result_json = out / RESULT_JSON
+    result_json.unlink(missing_ok=True)  # never read a previous run's result
+    cmd = torchrun_command(
+        config_path, dataset_uri, out, nproc_per_node, run_name=run_name, rendezvous=rendezvous, result_json=result_json
+    )
+    env = dict(os.environ, MLFLOW_TRACKING_URI=_tracking_uri(tracking_uri), PYTHONUNBUFFERED="1")
     log.info("train: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    output = proc.stdout + proc.stderr
+    emit = on_line or (lambda line: log.info("%s", line))
+    tail: deque[str] = deque(maxlen=20)
+    # one pipe for both streams, read as lines arrive (not buffered until exit): a watcher sees steps as they happen
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            emit(line)
     if proc.returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-20:])
-        raise RuntimeError(f"distributed training exited with code {proc.returncode}:\n{tail}")
-    match = _RUN_LINE.search(output)
-    run_id, model_uri = (match["run"], match["model"]) if match else (None, None)
-    if run_id and tags:
+        lines = "\n".join(tail).strip()
+        raise RuntimeError(f"distributed training exited with code {proc.returncode}:\n{lines}")
+    result = read_train_result(result_json)
+    if result.run_id and tags:
         client = _client(tracking_uri)
         for key, value in tags.items():
-            client.set_tag(run_id, key, str(value))
-    return TrainResult(
-        checkpoint_path=str(out / "model.safetensors"),
-        steps=config.train.max_steps,
-        final_losses={},
-        run_id=run_id,
-        model_uri=model_uri,
-    )
+            client.set_tag(result.run_id, key, str(value))
+    return result
+
+
+def train_model_step(
+    config: Config,
+    dataset_uri: str,
+    *,
+    out_dir: str | os.PathLike[str],
+    tracking_uri: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    progress: bool = True,
+    nproc_per_node: int = 1,
+    rendezvous: Rendezvous | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """`train_step` in this process, or `train_distributed_step` (torchrun) for ``nproc_per_node > 1`` or a
+    multi-node `rendezvous`. ``on_progress`` applies in this process, ``on_line`` to torchrun's output."""
+    if nproc_per_node > 1 or (rendezvous is not None and not rendezvous.standalone):
+        return train_distributed_step(
+            config, dataset_uri, out_dir=out_dir, nproc_per_node=nproc_per_node, tracking_uri=tracking_uri,
+            tags=tags, run_name=run_name, rendezvous=rendezvous, on_line=on_line,
+        )  # fmt: skip
+    return train_step(
+        config, dataset_uri, out_dir=out_dir, tracking_uri=tracking_uri, tags=tags, run_name=run_name,
+        progress=progress, on_progress=on_progress,
+    )  # fmt: skip
 
 
 def evaluate_step(
@@ -421,6 +529,7 @@ class PromotionOutcome:
     champion_version: str | None
     reason: str
     model_card: str | None = None  # Markdown (`ddcolor.model_card`), also on the version and the run
+    pending_approval: bool = False  # gates passed, gates.require_approval: waits for `ddcolor.approval`
 
 
 def promote_step(
@@ -429,11 +538,12 @@ def promote_step(
     *,
     fp: Fingerprint,
     tracking_uri: str | None = None,
-    attach_onnx: bool = True,
+    attach_onnx: bool | None = None,
 ) -> PromotionOutcome:
     """Gate the run's ``val/*`` metrics (thresholds + vs the champion measured on the same val split,
     ``data.shards_uri``), register its model (alias challenger, tagged
-    with the fingerprint), and move the champion alias to it when the gate passed."""
+    with the fingerprint), and move the champion alias to it when the gate passed (with ``gates.require_approval``:
+    the version waits as @challenger instead, ``pending_approval``; `ddcolor.approval` finishes it)."""
     from ddcolor.registry import gate_run, promote, register
 
     uri = _tracking_uri(tracking_uri)
@@ -442,8 +552,12 @@ def promote_step(
     client = _client(uri)
     for key, value in fp.as_tags().items():
         client.set_model_version_tag(config.registry.model_name, version, key, value)
-    promotion = promote(version, decision, config, tracking_uri=uri)
     name, alias = config.registry.model_name, config.registry.champion_alias
+    if decision.passed and config.gates.require_approval:
+        from ddcolor.approval import hold_for_approval
+
+        return hold_for_approval(config, version, decision, tracking_uri=uri)
+    promotion = promote(version, decision, config, tracking_uri=uri)
     if promotion.promoted:
         reason = f"{name} v{version} is the new @{alias} (previous: {promotion.previous_champion or 'none'})"
     elif decision.passed:
@@ -539,6 +653,58 @@ def section_overrides(**sections: Mapping[str, Any] | None) -> dict[str, Any]:
     return overrides
 
 
+# --- the step implementations run_pipeline calls ---------------------------------------------------------------
+
+
+def validate_report_step(config: Config, *, report_dir: str | None = None) -> str | None:
+    """`validate_step` on ``data.shards_uri``; the Markdown report's URI. Raises `ValidationFailed`."""
+    result = validate_step(config, report_dir=report_dir)
+    return next((u for u in result.report_uris if u.endswith(".md")), None)
+
+
+def evaluate_metrics_step(config: Config, dataset_uri: str, **kwargs: Any) -> dict[str, float]:
+    """`evaluate_step` (same keywords); its metrics plus ``n_images``."""
+    result = evaluate_step(config, dataset_uri, **kwargs)
+    return {**result.metrics, "n_images": result.n_images}
+
+
+def colorize_grid_step(
+    config: Config, *, out_dir: str | os.PathLike[str], run_id: str | None, tracking_uri: str | None = None
+) -> tuple[str, str | None]:
+    """`colorize_step` with the champion, its grid logged into `run_id` (when there is one): (local grid path, the
+    grid's HTTP URL on the MLflow server or None)."""
+    grid = str(colorize_step(config, out_dir=out_dir, tracking_uri=tracking_uri).grid)
+    return grid, log_grid(run_id, grid, tracking_uri=tracking_uri) if run_id else None
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The step implementations `run_pipeline` calls, in its order. The defaults are this module's functions (run
+    in this process); the Prefect flow passes task-wrapped ones with the same signatures and results. Each
+    callable's contract is that of its default:
+
+    * ``ingest(config, source, *, progress)`` -> anything (`ingest_step`)
+    * ``validate(config, *, report_dir)`` -> the report URI; raises `ValidationFailed` (`validate_report_step`)
+    * ``fingerprint(config, tracking_uri)`` -> (dataset dict, `Fingerprint`, champion or None) (`fingerprint_step`)
+    * ``name(config, fp)`` -> the run name: MLflow run and output folder (`run_name`)
+    * ``train(config, dataset_uri, *, out_dir, tracking_uri, tags, run_name, progress, nproc_per_node, rendezvous)``
+      -> `TrainResult` (`train_model_step`)
+    * ``evaluate(config, dataset_uri, *, checkpoint_path, run_id, tracking_uri, out_dir, progress)`` -> metrics
+      with ``n_images`` (`evaluate_metrics_step`)
+    * ``promote(config, run_id, *, fp, tracking_uri, attach_onnx)`` -> `PromotionOutcome` (`promote_step`)
+    * ``colorize(config, *, out_dir, run_id, tracking_uri)`` -> (grid path, grid URL or None) (`colorize_grid_step`)
+    """
+
+    ingest: Callable[..., Any] = ingest_step
+    validate: Callable[..., str | None] = validate_report_step
+    fingerprint: Callable[..., tuple[dict[str, Any], Fingerprint, ChampionInfo | None]] = fingerprint_step
+    name: Callable[[Config, Fingerprint], str] = run_name
+    train: Callable[..., TrainResult] = train_model_step
+    evaluate: Callable[..., dict[str, float]] = evaluate_metrics_step
+    promote: Callable[..., PromotionOutcome] = promote_step
+    colorize: Callable[..., tuple[str, str | None]] = colorize_grid_step
+
+
 # --- the whole pipeline ----------------------------------------------------------------------------------------
 
 
@@ -581,6 +747,12 @@ class PipelineResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def status_message(self) -> str:
+        """One line that starts with the status in words: ``promoted: ...``, ``not promoted: ...``, ``skipped: ...``."""
+        prefix = self.status.replace("_", " ")
+        return self.reason if self.reason.startswith(prefix) else f"{prefix}: {self.reason}"
 
     def summary(self) -> str:
         """A few lines for a terminal."""
@@ -653,28 +825,34 @@ def run_pipeline(
     colorize: bool = True,
     run_tags: Mapping[str, Any] | None = None,
     nproc_per_node: int = 1,
-    attach_onnx: bool = True,
+    rendezvous: Rendezvous | None = None,
+    attach_onnx: bool | None = None,
+    steps: Steps | None = None,
 ) -> PipelineResult:
-    """Run the whole pipeline in this process, without Prefect.
+    """The pipeline's one control flow: ingest -> validate -> fingerprint (skip?) -> train -> evaluate -> gate and
+    promote -> colorize, each step through `steps` (default: in this process; the Prefect flow passes tasks).
 
     Args:
         config: the whole configuration; the dataset is ``data.shards_uri``.
         source: raw images (folder or ``s3://``); default ``data.source``.
-        work_dir: local folder for this pipeline's outputs: ``validation/`` (reports), ``runs/<UTC time>/`` (training
-            output, ``eval/``), ``samples/`` (the champion's sample grid).
+        work_dir: local folder for this pipeline's outputs: ``validation/`` (reports), ``runs/<run name>/``
+            (training output, ``eval/``; the name is ``steps.name``, e.g. ``train-atto-20260101-120000-1a2b3c4d``,
+            also the MLflow run's name), ``samples/`` (the champion's sample grid).
         force: train even when the champion has the same fingerprint.
         progress: progress bars for ingest, training and evaluation.
         tracking_uri: MLflow tracking URI; None = ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``).
-        colorize: colorize the sample photos with the champion at the end (also when skipped).
+        colorize: colorize the sample photos with the champion at the end, whenever there is one (also when skipped
+            or not promoted).
         run_tags: extra tags for the MLflow training run.
-        nproc_per_node: > 1 trains with ``torchrun`` (DDP) in a subprocess.
-        attach_onnx: export an ONNX copy of each registered version (see `ddcolor.registry.register`).
+        nproc_per_node, rendezvous: > 1 process or a multi-node `ddcolor.launch.Rendezvous` trains with ``torchrun``.
+        attach_onnx: export an ONNX copy of each registered version (see `ddcolor.registry.register`); None =
+            ``config.registry.export_onnx``.
+        steps: the step implementations (`Steps`); None = `Steps()`.
 
     Returns:
         The `PipelineResult`; a failed validation is ``status="validation_failed"`` (no exception).
     """
-    from ddcolor.data.version import dataset_version
-
+    steps = steps or Steps()
     uri = _tracking_uri(tracking_uri)
     work = Path(work_dir)
     seconds: dict[str, float] = {}
@@ -687,81 +865,65 @@ def run_pipeline(
         finally:
             seconds[name] = round(time.monotonic() - start, 2)
 
-    timed("ingest", ingest_step, config, source, progress=progress)
-    dataset = dataset_version(config.data.shards_uri)
+    timed("ingest", steps.ingest, config, source, progress=progress)
     try:
-        validation = timed("validate", validate_step, config, report_dir=str(work / "validation"))
+        report = timed("validate", steps.validate, config, report_dir=str(work / "validation"))
     except ValidationFailed as err:
         return PipelineResult(
-            "validation_failed",
-            str(err),
-            dataset=dataset.to_dict(),
-            tracking_uri=uri,
-            validation_report=err.report_uri,
-            seconds=seconds,
+            "validation_failed", str(err), tracking_uri=uri, validation_report=err.report_uri, seconds=seconds
         )
-    report = next((u for u in validation.report_uris if u.endswith(".md")), None)
-    fp = fingerprint(config, dataset)
-    skip, why = should_skip(fp, champion_info(config, tracking_uri=uri), force=force)
+    dataset, fp, champion = timed("fingerprint", steps.fingerprint, config, uri)
+    skip, why = should_skip(fp, champion, force=force)
     result = PipelineResult(
-        "skipped", why, dataset=dataset.to_dict(), fingerprint=fp.value, tracking_uri=uri, validation_report=report
+        "skipped",
+        why,
+        dataset=dataset,
+        fingerprint=fp.value,
+        tracking_uri=uri,
+        validation_report=report,
+        champion_version=champion.version if champion else None,
     )
+    log.info("%s: %s", "skipping training" if skip else "training", why)
     if not skip:
-        log.info("training: %s", why)
-        out_dir = work / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        tags = {**fp.as_tags(), **(run_tags or {})}
-        if nproc_per_node > 1:
-            trained = timed(
-                "train",
-                train_distributed_step,
-                config,
-                config.data.shards_uri,
-                out_dir=out_dir,
-                nproc_per_node=nproc_per_node,
-                tracking_uri=uri,
-                tags=tags,
-            )
-        else:
-            trained = timed(
-                "train",
-                train_step,
-                config,
-                config.data.shards_uri,
-                out_dir=out_dir,
-                tracking_uri=uri,
-                tags=tags,
-                progress=progress,
-            )
+        name = steps.name(config, fp)
+        out_dir = work / "runs" / name
+        trained = timed(
+            "train",
+            steps.train,
+            config,
+            config.data.shards_uri,
+            out_dir=str(out_dir),
+            tracking_uri=uri,
+            tags={**fp.as_tags(), **(run_tags or {})},
+            run_name=name,
+            progress=progress,
+            nproc_per_node=nproc_per_node,
+            rendezvous=rendezvous,
+        )
         if trained.run_id is None:
             raise RuntimeError("training logged no MLflow run; the pipeline needs one to gate and register the model")
-        evaluated = timed(
+        result.run_id, result.run_url = trained.run_id, run_url(trained.run_id, tracking_uri=uri)
+        result.metrics = timed(
             "evaluate",
-            evaluate_step,
+            steps.evaluate,
             config,
             config.data.shards_uri,
             checkpoint_path=trained.checkpoint_path,
             run_id=trained.run_id,
             tracking_uri=uri,
-            out_dir=out_dir / "eval",
+            out_dir=str(out_dir / "eval"),
             progress=progress,
         )
         outcome = timed(
-            "promote", promote_step, config, trained.run_id, fp=fp, tracking_uri=uri, attach_onnx=attach_onnx
+            "promote", steps.promote, config, trained.run_id, fp=fp, tracking_uri=uri, attach_onnx=attach_onnx
         )
         result.status = "promoted" if outcome.promoted else "not_promoted"
         result.reason = outcome.reason
-        result.run_id, result.run_url = trained.run_id, run_url(trained.run_id, tracking_uri=uri)
-        result.metrics = {**evaluated.metrics, "n_images": evaluated.n_images}
         result.decision, result.gate_table = outcome.decision.to_dict(), outcome.decision.table()
         result.model_version, result.champion_version = outcome.version, outcome.champion_version
-    else:
-        log.info("%s", why)
-        champion = champion_info(config, tracking_uri=uri)
-        result.champion_version = champion.version if champion else None
-    if colorize and (result.champion_version or result.status == "promoted"):
-        demo = timed("colorize", colorize_step, config, out_dir=work / "samples", tracking_uri=uri)
-        result.grid = str(demo.grid)
-        if result.run_id:
-            result.grid_url = log_grid(result.run_id, demo.grid, tracking_uri=uri)
+    if colorize and result.champion_version:
+        result.grid, result.grid_url = timed(
+            "colorize", steps.colorize, config, out_dir=str(work / "samples"), run_id=result.run_id, tracking_uri=uri
+        )
     result.seconds = seconds
     return result

@@ -76,7 +76,7 @@ def _artifacts(flow_run_id) -> dict[str, object]:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    return {a.key: a for a in found}
+    return {a.key or f"{a.type}-{a.id}": a for a in found}
 
 
 def _flow_run(flow_run_id):
@@ -106,6 +106,14 @@ def test_flow_promotes_then_skips_then_does_not_promote_a_worse_model(flow, tmp_
     assert "promoted" in summary and result["dataset"]["manifest_sha256"] in summary and "Gate PASSED" in summary
     assert str(Path(result["grid"]).resolve()) in artifacts["train-ddcolor-sample-grid"].data  # local MLflow: a path
     assert "train-ddcolor-mlflow-run" not in artifacts  # a link only for an HTTP MLflow server
+    gates = artifacts["train-ddcolor-gates"]
+    assert gates.type == "table" and '"metric": "psnr"' in gates.data and '"passed": true' in gates.data
+    progress = [a for a in artifacts.values() if a.type == "progress"]
+    assert len(progress) == 1 and float(progress[0].data) == 100.0  # updated at each log step, ended at the last
+    # one name for the flow run, the MLflow run and the output folder: train-<preset>-<time>-<fingerprint[:8]>
+    name = _flow_run(flow_run_id).name
+    assert name.startswith("train-atto-") and name.endswith("-" + result["fingerprint"][:8]), name
+    assert run.info.run_name == name and (Path(work) / "runs" / name / "model.safetensors").is_file()
 
     skipped = flow(config_path=None, work_dir=work, **params, return_state=True)
     assert skipped.is_completed() and skipped.message.startswith("skipped:"), skipped.message
@@ -249,3 +257,46 @@ def test_ingest_task_runner_names(monkeypatch):
     for bad in ("spark", "dask://", "process://x", "Thread", ""):
         with pytest.raises(ValueError, match="not a task runner; use one of thread, process, dask"):
             build_ingest_task_runner(bad)
+
+
+def test_a_rerun_after_a_late_failure_reuses_the_finished_training(flow, tmp_path, tracking_uri, monkeypatch):
+    """promote hangs past its timeout_seconds: the run fails after training. The re-run finds the training persisted
+    under the same fingerprint and goes on from there: one training, one MLflow run, then promoted."""
+    import time
+
+    from ddcolor import pipeline
+
+    trainings = []
+    real_train, real_promote = pipeline.train_step, pipeline.promote_step
+
+    def counted(*args, **kwargs):
+        trainings.append(kwargs.get("run_name"))
+        return real_train(*args, **kwargs)
+
+    def hangs(*args, **kwargs):
+        for _ in range(600):  # 60 s in short sleeps, so the task's timeout can interrupt it
+            time.sleep(0.1)
+        raise AssertionError("promote was not stopped by its timeout")
+
+    monkeypatch.setattr(pipeline, "train_step", counted)
+    monkeypatch.setattr(pipeline, "promote_step", hangs)
+    params = sections(tmp_path, "flow-rerun")
+    write_samples(params["data"]["source"], IMAGES)
+    work = str(tmp_path / "work")
+    failed = flow(config_path=None, work_dir=work, timeouts={"promote": 3}, **params, return_state=True)
+    assert failed.is_failed() and "timeout" in failed.message.lower(), failed.message
+    assert len(trainings) == 1
+
+    monkeypatch.setattr(pipeline, "promote_step", real_promote)
+    again = flow(config_path=None, work_dir=work, **params, return_state=True)
+    assert again.is_completed() and again.result()["status"] == "promoted", again.message
+    assert len(trainings) == 1  # not trained again
+    runs = _mlflow(tracking_uri).search_runs([_mlflow(tracking_uri).get_experiment_by_name("flow-rerun").experiment_id])
+    assert [r.info.run_id for r in runs] == [again.result()["run_id"]]
+
+
+def test_unknown_timeout_key_fails_before_any_work(flow, tmp_path):
+    params = sections(tmp_path, "flow-timeouts")
+    state = flow(config_path=None, work_dir=str(tmp_path / "work"), timeouts={"train": 5}, **params, return_state=True)
+    assert state.is_failed() and "timeouts: unknown task(s) ['train']" in state.message, state.message
+    assert not (tmp_path / "shards").exists()

@@ -146,19 +146,69 @@ def test_torchrun_command(tmp_path):
         pipeline.torchrun_command("c", "d", "o", 0)
 
 
-def test_distributed_step_reads_the_run_id_and_reports_failures(tmp_path, monkeypatch):
-    """The torchrun path end to end with a stand-in launcher (no second process group here)."""
-    run_id = "0123456789abcdef0123456789abcdef"
+def test_distributed_step_streams_the_output_line_by_line_and_reports_failures(tmp_path, monkeypatch):
+    """The launcher's lines reach ``on_line`` while it runs (it waits for the first one to be seen before going
+    on), and a failure names the exit code and the last lines."""
+    seen = tmp_path / "seen"
     script = tmp_path / "fake_torchrun.py"
-    script.write_text(f"import sys\nprint('trained 2 steps')\nprint('MLflow run: {run_id}; model: models:/m-1')\n")
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "print('step 1/2 | loss_g 1.0', flush=True)\n"
+        f"marker = pathlib.Path({str(seen)!r})\n"
+        "for _ in range(300):\n"
+        "    if marker.exists():\n"
+        "        break\n"
+        "    time.sleep(0.05)\n"
+        "else:\n"
+        "    print('the first line was not seen while running', file=sys.stderr)\n"
+        "    sys.exit(2)\n"
+        "print('Error: out of memory', file=sys.stderr)\n"
+        "sys.exit(1)\n"
+    )
     monkeypatch.setattr(pipeline, "torchrun_command", lambda *a, **k: [sys.executable, str(script)])
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        seen.touch()
+
     cfg = load_config(None, {"train.max_steps": 2})
-    result = pipeline.train_distributed_step(cfg, "shards", out_dir=tmp_path / "out", nproc_per_node=2)
-    assert (result.run_id, result.model_uri, result.steps) == (run_id, "models:/m-1", 2)
+    with pytest.raises(RuntimeError, match=r"exited with code 1:\nstep 1/2 \| loss_g 1\.0\nError: out of memory"):
+        pipeline.train_distributed_step(cfg, "shards", out_dir=tmp_path / "out", nproc_per_node=2, on_line=on_line)
+    assert lines == ["step 1/2 | loss_g 1.0", "Error: out of memory"]
     assert load_config(tmp_path / "out" / "params.resolved.yaml") == cfg
-    script.write_text("import sys\nprint('Error: out of memory', file=sys.stderr)\nsys.exit(1)\n")
-    with pytest.raises(RuntimeError, match="exited with code 1:\nError: out of memory"):
-        pipeline.train_distributed_step(cfg, "shards", out_dir=tmp_path / "out", nproc_per_node=2)
+
+
+def test_a_missing_result_json_names_the_file(tmp_path):
+    with pytest.raises(RuntimeError, match=r"train_result\.json: no readable training result"):
+        pipeline.read_train_result(tmp_path / "train_result.json")
+
+
+@pytest.mark.slow
+def test_torchrun_path_reads_what_the_real_train_cli_writes(tmp_path):
+    """The contract of the torchrun path, for real: `train_distributed_step` runs torchrun (1 process here) with the
+    real ``ddcolor train --result-json``, and reads back the run id, model URI and paths it wrote."""
+    import mlflow
+
+    cfg = tiny_config(tmp_path, "pipe-torchrun")
+    write_samples(cfg.data.source, IMAGES)
+    pipeline.ingest_step(cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines: list[str] = []
+    result = pipeline.train_distributed_step(
+        cfg, cfg.data.shards_uri, out_dir=tmp_path / "out", nproc_per_node=1, tracking_uri=uri,
+        tags={"pipeline.fingerprint": "f" * 64}, run_name="torchrun-contract", on_line=lines.append,
+    )  # fmt: skip
+    assert result.steps == 2 and set(result.final_losses) >= {"loss_g", "loss_d"}
+    assert (
+        Path(result.checkpoint_path) == tmp_path / "out" / "model.safetensors"
+        and Path(result.checkpoint_path).is_file()
+    )
+    assert result.checkpoint_dir and Path(result.checkpoint_dir).is_dir()
+    assert result.run_id and len(result.run_id) == 32 and result.model_uri
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(result.run_id)
+    assert run.info.run_name == "torchrun-contract" and run.data.tags["pipeline.fingerprint"] == "f" * 64
+    assert any(f"MLflow run: {result.run_id}" in line for line in lines)  # the human line still comes through
 
 
 # --- whole runs ---------------------------------------------------------------------------------------------
