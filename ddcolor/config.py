@@ -411,6 +411,11 @@ class RegistryConfig(_Section):
     champion_alias: str = Field("champion", description="Alias of the version that serves.")
     challenger_alias: str = Field("challenger", description="Alias of the version under evaluation.")
     experiment_name: str = Field("ddcolor", min_length=1, description="MLflow experiment for training runs.")
+    export_onnx: bool = Field(
+        True,
+        description="Export every registered version to ONNX and attach it (version tag onnx_artifact); about 35 s "
+        "of CPU time for atto on the build machine. Off: `ddcolor export-onnx --model models:/NAME@ALIAS` when needed.",
+    )
 
     @field_validator("champion_alias", "challenger_alias")
     @classmethod

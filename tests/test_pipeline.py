@@ -355,3 +355,91 @@ def test_cli_demo_no_prefect_writes_samples_and_says_where_to_look(fake_run_pipe
     assert "RANDOM-INIT TRAINING" in result.output and "mlflow ui --backend-store-uri" in result.output
     assert "models:/ddcolor-demo@champion" in result.output and "sample grid" in result.output
     assert "ddcolor ui --registered-model ddcolor-demo" in result.output
+
+
+# --- the one control flow, with stand-in steps (the whole runs above use the real ones) ------------------------
+
+
+def _fake_steps(calls: list, champion: ChampionInfo | None, *, promoted: bool = True) -> pipeline.Steps:
+    from ddcolor.gates import GateDecision
+    from ddcolor.train import TrainResult
+
+    fp = pipeline.Fingerprint("f" * 64, "d" * 64, "c" * 64)
+
+    def step(name, result=None):
+        def run(*args, **kwargs):
+            calls.append((name, kwargs))
+            return result
+
+        return run
+
+    outcome = pipeline.PromotionOutcome(GateDecision(passed=promoted, checks=()), "2", promoted, "2" if promoted else
+                                        (champion.version if champion else None), "v2 judged")  # fmt: skip
+    return pipeline.Steps(
+        ingest=step("ingest"),
+        validate=step("validate", "report.md"),
+        fingerprint=step("fingerprint", ({"uri": "shards", "rows": 8}, fp, champion)),
+        name=lambda config, fp: "train-atto-20260101-000000-" + fp.value[:8],
+        train=step("train", TrainResult("m.safetensors", 2, {}, run_id="r" * 32, model_uri="models:/m-1")),
+        evaluate=step("evaluate", {"psnr": 20.0, "n_images": 2}),
+        promote=step("promote", outcome),
+        colorize=step("colorize", ("grid.png", None)),
+    )
+
+
+def test_run_pipeline_calls_its_steps_in_order_and_names_the_run(tmp_path):
+    calls: list = []
+    cfg = load_config(None)
+    result = pipeline.run_pipeline(
+        cfg, work_dir=tmp_path, tracking_uri="sqlite:///x.db", steps=_fake_steps(calls, None)
+    )
+    assert [name for name, _ in calls] == [
+        "ingest",
+        "validate",
+        "fingerprint",
+        "train",
+        "evaluate",
+        "promote",
+        "colorize",
+    ]
+    train = dict(calls)["train"]
+    assert train["run_name"] == "train-atto-20260101-000000-ffffffff"
+    assert train["out_dir"] == str(tmp_path / "runs" / "train-atto-20260101-000000-ffffffff")
+    assert train["tags"]["pipeline.fingerprint"] == "f" * 64
+    assert dict(calls)["evaluate"]["out_dir"] == str(tmp_path / "runs" / train["run_name"] / "eval")
+    assert (result.status, result.model_version, result.champion_version, result.grid) == (
+        "promoted",
+        "2",
+        "2",
+        "grid.png",
+    )
+    assert result.metrics == {"psnr": 20.0, "n_images": 2} and result.status_message == "promoted: v2 judged"
+
+
+def test_run_pipeline_skips_and_still_colorizes_with_the_champion_but_not_without_one(tmp_path):
+    fp = "f" * 64
+    champion = ChampionInfo("1", fp, "d" * 64, "c" * 64, "run")
+    calls: list = []
+    result = pipeline.run_pipeline(load_config(None), work_dir=tmp_path, steps=_fake_steps(calls, champion))
+    assert [name for name, _ in calls] == ["ingest", "validate", "fingerprint", "colorize"]
+    assert (
+        result.status == "skipped" and result.champion_version == "1" and result.status_message.startswith("skipped: ")
+    )
+    calls.clear()
+    result = pipeline.run_pipeline(
+        load_config(None), work_dir=tmp_path, steps=_fake_steps(calls, None, promoted=False)
+    )  # gate failed and no champion at all: nothing to colorize with
+    assert result.status == "not_promoted" and result.champion_version is None
+    assert "colorize" not in [name for name, _ in calls]
+
+
+def test_progress_is_reported_at_each_log_step():
+    from ddcolor.tracking import NullTracker
+
+    seen = []
+    cfg = load_config(None, {"train.log_every": 2, "train.max_steps": 5})
+    tracker = pipeline._ProgressTracker(NullTracker(), lambda step, total: seen.append((step, total)), cfg)
+    for step in range(1, 6):
+        tracker.log_metrics({"train/loss_g": 1.0, "train/images_per_s": 3.0}, step=step)
+        tracker.log_metrics({"val/psnr": 20.0}, step=step)  # not a training step line
+    assert seen == [(2, 5), (4, 5), (5, 5)]
