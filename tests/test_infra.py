@@ -344,6 +344,9 @@ def test_compose_gpu_worker(services):
     assert gpu["shm_size"] and gpu["healthcheck"]["test"] and gpu["depends_on"] == cpu["depends_on"]
     assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"] == "infra/worker/Dockerfile"
     assert "pypi.org" in gpu["build"]["args"]["TORCH_INDEX_URL"]  # CUDA wheels
+    # nvidia-ml-py (the gpu extra) for GPU system metrics in MLflow; the image installs the extras it is given
+    assert "gpu" in gpu["build"]["args"]["DDCOLOR_EXTRAS"].split(",")
+    assert '".[${DDCOLOR_EXTRAS}]"' in WORKER_DOCKERFILE.read_text(encoding="utf-8")
     assert gpu["image"] != cpu["image"]  # a CPU and a CUDA build must not overwrite each other's tag
 
 
