@@ -388,6 +388,14 @@ class GatesConfig(_Section):
         description="Gate on FID measured on fewer than min_fid_images images anyway (demos and smoke tests; the "
         "check's reason says so).",
     )
+    require_approval: bool = Field(
+        False,
+        description="A challenger whose gates pass waits (as @challenger) for a person to approve it before it moves "
+        "@champion: the Prefect flow pauses for typed input, answered in the Prefect UI or with `ddcolor approve`.",
+    )
+    approval_timeout_hours: float = Field(
+        24.0, gt=0.0, description="Without an answer within this many hours the run ends 'not promoted'."
+    )
 
     def required_metrics(self) -> set[str]:
         """Names of the eval metrics the enabled gates need."""
