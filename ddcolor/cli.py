@@ -1333,6 +1333,7 @@ def promote_command(
     require("mlflow", "mlops", "the model registry")
     from mlflow.exceptions import MlflowException
 
+    from ddcolor.pipeline import promotion_record
     from ddcolor.registry import RegistryError, gate_run, promote, register, rollback
 
     if do_rollback and (run_id is not None or model is not None):
@@ -1361,36 +1362,13 @@ def promote_command(
     except (RegistryError, MlflowException) as err:
         raise _registry_fail(err) from None
     _say(decision.table(), json_out)
-    if result.promoted:
-        outcome = "promoted"
-        _say(
-            f"promoted {name} version {version} to @{alias} (previous: {result.previous_champion or 'none'})", json_out
-        )
-    elif decision.passed:
-        outcome = "already_champion"
-        _say(f"{name} version {version} is already @{alias}", json_out)
-    else:
-        outcome = "rejected"
-        _say(
-            f"{name} version {version} not promoted (gate failed); @{alias} stays {result.champion or 'unset'}",
-            json_out,
-        )
-    record = {
-        "decision": outcome,
-        "promoted": result.promoted,
-        "gate_passed": decision.passed,
-        "model_name": name,
-        "version": version,
-        "champion": result.champion,
-        "previous_champion": result.previous_champion,
-        "run_id": run_id,
-        "checks": decision.to_dict()["checks"],
-    }
+    record, line = promotion_record(cfg, run_id, version, decision, result)
+    _say(line, json_out)
     if out:
         _write_promotion(out, record, json_out)
     if json_out:
         _print_json(record)
-    if outcome == "rejected" and fail_on_reject:
+    if record["decision"] == "rejected" and fail_on_reject:
         raise typer.Exit(1)
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "is_transient",
     "log_grid",
     "promote_step",
+    "promotion_record",
     "read_train_result",
     "run_name",
     "run_pipeline",
@@ -575,6 +576,39 @@ def promote_step(
     except Exception as err:  # documentation must not undo a promotion
         log.warning("could not write the model card of %s v%s: %s", name, version, err)
     return PromotionOutcome(decision, version, promotion.promoted, promotion.champion, reason, card)
+
+
+def promotion_record(
+    config: Config, run_id: str, version: str, decision: GateDecision, promotion: Any
+) -> tuple[dict[str, Any], str]:
+    """The JSON record of one promotion (``ddcolor promote --out``, read by ``dvc metrics show``) and its line for
+    people. ``promotion`` is `ddcolor.registry.promote`'s result (promoted, champion, previous_champion).
+
+    ``decision``: ``promoted`` (the version is the new champion), ``already_champion`` (it passed and already was),
+    ``rejected`` (the gate failed; the champion stays).
+    """
+    name, alias = config.registry.model_name, config.registry.champion_alias
+    if promotion.promoted:
+        outcome = "promoted"
+        line = f"promoted {name} version {version} to @{alias} (previous: {promotion.previous_champion or 'none'})"
+    elif decision.passed:
+        outcome = "already_champion"
+        line = f"{name} version {version} is already @{alias}"
+    else:
+        outcome = "rejected"
+        line = f"{name} version {version} not promoted (gate failed); @{alias} stays {promotion.champion or 'unset'}"
+    record = {
+        "decision": outcome,
+        "promoted": promotion.promoted,
+        "gate_passed": decision.passed,
+        "model_name": name,
+        "version": version,
+        "champion": promotion.champion,
+        "previous_champion": promotion.previous_champion,
+        "run_id": run_id,
+        "checks": decision.to_dict()["checks"],
+    }
+    return record, line
 
 
 def colorize_step(
