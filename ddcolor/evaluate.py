@@ -17,6 +17,7 @@ image sizes, image limit and feature dims in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
