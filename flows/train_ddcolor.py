@@ -339,23 +339,32 @@ def prefect_steps(
     )
 
 
-def _gate_rows(decision: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One row per gate check: metric, value, operator, threshold, champion value, n images, verdict."""
-    rows = []
-    for check in (decision or {}).get("checks", []):
-        rows.append(
-            {
-                "gate": check.get("name"),
-                "metric": check.get("metric"),
-                "value": check.get("value"),
-                "op": check.get("op"),
-                "threshold": check.get("threshold"),
-                "champion": check.get("champion_value"),
-                "n_images": check.get("n_images"),
-                "passed": check.get("passed"),
-                "reason": check.get("reason"),
-            }
-        )
+def _gate_rows(result: pipeline.PipelineResult) -> list[dict[str, Any]]:
+    """One row per gate check (metric, value, operator, threshold, champion value, images, verdict), then one per
+    measured metric no gate looks at (no threshold, no verdict), so the table shows every number."""
+    checks = (result.decision or {}).get("checks", [])
+    rows = [
+        {
+            "gate": c.get("name"),
+            "metric": c.get("metric"),
+            "value": c.get("value"),
+            "op": c.get("op"),
+            "threshold": c.get("threshold"),
+            "champion": c.get("champion_value"),
+            "n_images": c.get("n_images"),
+            "passed": c.get("passed"),
+            "reason": c.get("reason"),
+        }
+        for c in checks
+    ]
+    gated = {c.get("metric") for c in checks}
+    n_images = result.metrics.get("n_images")
+    for metric, value in result.metrics.items():
+        if metric != "n_images" and metric not in gated:
+            rows.append(
+                {"gate": None, "metric": metric, "value": value, "op": None, "threshold": None, "champion": None}
+                | {"n_images": n_images, "passed": None, "reason": "no gate on this metric"}
+            )
     return rows
 
 
@@ -366,7 +375,7 @@ def _publish(result: pipeline.PipelineResult) -> None:
     )
     if result.decision:
         create_table_artifact(
-            _gate_rows(result.decision),
+            _gate_rows(result),
             key=ARTIFACT_KEYS["gates"],
             description="metrics vs thresholds vs champion: gate "
             + ("PASSED" if result.decision["passed"] else "FAILED"),

@@ -107,7 +107,7 @@ def test_flow_promotes_then_skips_then_does_not_promote_a_worse_model(flow, tmp_
     assert str(Path(result["grid"]).resolve()) in artifacts["train-ddcolor-sample-grid"].data  # local MLflow: a path
     assert "train-ddcolor-mlflow-run" not in artifacts  # a link only for an HTTP MLflow server
     gates = artifacts["train-ddcolor-gates"]
-    assert gates.type == "table" and '"metric": "psnr"' in gates.data and '"passed": true' in gates.data
+    assert gates.type == "table" and '"metric": "psnr"' in gates.data  # every metric, gated or not
     progress = [a for a in artifacts.values() if a.type == "progress"]
     assert len(progress) == 1 and float(progress[0].data) == 100.0  # updated at each log step, ended at the last
     # one name for the flow run, the MLflow run and the output folder: train-<preset>-<time>-<fingerprint[:8]>
