@@ -13,7 +13,7 @@ Tags written on a model version:
 * ``lineage.run_id``, ``lineage.model_uri``, ``git.commit`` / ``git.dirty`` (from the run), every ``dataset.*`` run
   tag, and ``metric.<name>`` for each ``val/<name>`` run metric (what `champion_metrics` reads back);
 * ``onnx_artifact``: ``runs:/<run_id>/onnx/generator.onnx``, the generator exported to ONNX and logged on the run
-  (``register(..., attach_onnx=False)`` skips it);
+  (``registry.export_onnx: false`` in the config, or ``register(..., attach_onnx=False)``, skips it);
 * on promotion: ``blessing`` (the gate decision as JSON; also written when the gate failed) and
   ``previous_champion`` (the version that was champion before, absent for the first champion).
 
@@ -134,7 +134,7 @@ def register(
     *,
     metrics: Mapping[str, float] | None = None,
     tracking_uri: str | None = None,
-    attach_onnx: bool = True,
+    attach_onnx: bool | None = None,
 ) -> str:
     """Register the run's model as a new version of ``config.registry.model_name`` and point the challenger at it.
 
@@ -144,7 +144,8 @@ def register(
         config: names of the registered model and aliases.
         metrics: the eval metrics to record as ``metric.*`` tags; None = the run's ``val/*`` metrics.
         attach_onnx: export the generator to ONNX (`ddcolor.export.export_onnx`), log it as the run artifact
-            ``onnx/generator.onnx`` and tag the version ``onnx_artifact=runs:/<run_id>/onnx/generator.onnx``.
+            ``onnx/generator.onnx`` and tag the version ``onnx_artifact=runs:/<run_id>/onnx/generator.onnx``;
+            None = ``config.registry.export_onnx`` (default true; tens of seconds of CPU per version).
 
     Returns:
         The new version number, as a string.
@@ -179,7 +180,7 @@ def register(
         mv = client.create_model_version(
             name, source=model_uri, run_id=run_id, tags=lineage, model_id=model_id, await_creation_for=60
         )
-    if attach_onnx:
+    if config.registry.export_onnx if attach_onnx is None else attach_onnx:
         onnx_uri = _attach_onnx(client, run_id, model_uri, tracking_uri)
         client.set_model_version_tag(name, mv.version, ONNX_TAG, onnx_uri)
     client.set_registered_model_alias(name, config.registry.challenger_alias, mv.version)

@@ -124,6 +124,7 @@ def test_all_problems_are_reported(tmp_path):
         ("eval.metrics=[fid, ssim]", "eval.metrics[1]", "expected one of"),
         ("registry.challenger_alias=champion", "registry.challenger_alias", "differ"),
         ("registry.champion_alias=latest", "registry.champion_alias", "latest"),
+        ("registry.export_onnx=maybe", "registry.export_onnx", "true or false"),
     ],
 )
 def test_invalid_values_name_the_key(override, key, reason):

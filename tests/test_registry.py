@@ -138,11 +138,13 @@ def logged_model(mlflow_server, tmp_path_factory):
 
 @pytest.fixture
 def env(mlflow_server, logged_model, monkeypatch):
-    """Config with a unique registered-model name and strict-ish gates; MLFLOW_TRACKING_URI -> the server."""
+    """Config with a unique registered-model name and strict-ish gates, no ONNX export per version (one test asks
+    for it); MLFLOW_TRACKING_URI -> the server."""
     mlflow_server.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     name = f"ddcolor-test-{uuid.uuid4().hex[:8]}"
-    cfg = load_config(None, overrides={"registry.model_name": name, "gates.max_fid": 30.0, "gates.min_psnr": 20.0})
+    overrides = {"registry.model_name": name, "gates.max_fid": 30.0, "gates.min_psnr": 20.0}
+    cfg = load_config(None, overrides=overrides | {"registry.export_onnx": False})
     return cfg
 
 
@@ -172,9 +174,9 @@ def _good(fid: float = 15.0) -> dict[str, float]:
     return {"fid": fid, "colorfulness": 30.0, "delta_colorfulness": 2.0, "psnr": 22.0, "n_images": 5000.0}
 
 
-def _promote_run(logged_model, cfg, metrics, attach_onnx: bool = False) -> tuple[str, str, object]:
+def _promote_run(logged_model, cfg, metrics) -> tuple[str, str, object]:
     run_id = _run(logged_model, metrics)
-    version = register(run_id, None, cfg, attach_onnx=attach_onnx)  # ONNX export (~2 s) checked in two tests
+    version = register(run_id, None, cfg)  # cfg.registry.export_onnx: off but in one test (~35 s CPU an export)
     decision = gate_run(run_id, cfg)
     return run_id, version, promote(version, decision, cfg)
 
@@ -187,7 +189,7 @@ def test_register_and_promote_sets_champion_with_lineage(env, logged_model):
     version = register(run_id, None, cfg)
     client = _client()
     assert client.get_model_version_by_alias(name, "challenger").version == version
-    assert client.get_model_version(name, version).tags["onnx_artifact"] == f"runs:/{run_id}/onnx/generator.onnx"
+    assert "onnx_artifact" not in client.get_model_version(name, version).tags  # registry.export_onnx: false
     decision = gate_run(run_id, cfg)
     assert decision.passed and decision.champion_version is None
     assert {c.name for c in decision.checks} == {"max_fid", "min_psnr"}  # no champion: thresholds only
@@ -207,8 +209,7 @@ def test_register_and_promote_sets_champion_with_lineage(env, logged_model):
     run = client.get_run(run_id)
     assert run.data.tags["gate.passed"] == "true"
     assert json.loads(run.data.tags["gate.checks"])["passed"] is True
-    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["gate.md", "onnx"]
-    assert [a.path for a in client.list_artifacts(run_id, "onnx")] == ["onnx/generator.onnx"]
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["gate.md"]  # no ONNX (test_champion_loads...)
     assert lease_state(client, name)[RELEASED_TAG] == "true"  # lock released
 
     # a second, better challenger is gated against the champion and replaces it
@@ -304,8 +305,9 @@ def test_champion_loads_as_pyfunc_and_predicts(env, logged_model, tmp_path):
     from ddcolor.colorize import Colorizer
     from ddcolor.export import OnnxColorModel
 
-    cfg = env
-    run_id, _, _ = _promote_run(logged_model, cfg, _good(), attach_onnx=True)
+    cfg = load_config(None, overrides={"registry.model_name": env.registry.model_name})  # export_onnx: true
+    assert cfg.registry.export_onnx
+    run_id, _, _ = _promote_run(logged_model, cfg, _good())
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
     images = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
     got = pyfunc.predict(images, params={"input_size": 64})
