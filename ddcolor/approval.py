@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from prefect.input import RunInput
 
+from ddcolor.errors import DDColorError
 from ddcolor.tracking import client as tracking_client
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ STATUS_TAG = "approval.status"
 FLOW_RUN_TAG = "approval.flow_run_id"
 
 
-class ApprovalError(ValueError):
+class ApprovalError(DDColorError, ValueError):
     """The version is not awaiting approval, or no such version / flow run; the message says which."""
 
 

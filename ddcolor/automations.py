@@ -18,13 +18,15 @@ from typing import Any
 
 import yaml
 
+from ddcolor.errors import DDColorError
+
 __all__ = ["DEFAULT_FILE", "AutomationsError", "apply_automations", "load_automations"]
 
 DEFAULT_FILE = Path("infra/prefect/automations.yaml")
 _PLACEHOLDER = "notification_block"
 
 
-class AutomationsError(ValueError):
+class AutomationsError(DDColorError, ValueError):
     """A bad automations file or a missing environment variable; the message names the file and what to do."""
 
 
