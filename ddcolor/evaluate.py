@@ -335,6 +335,8 @@ def evaluate(
         tracker.log_metrics({METRIC_KEYS[k]: v for k, v in logged.items() if k in METRIC_KEYS}, step=step)
         identity = (manifest_sha, protocol["eval_config_sha256"], uri)
         tracker.set_tags(dict(zip(EVAL_TAGS, identity, strict=True)))
+        if hasattr(tracker, "log_dataset"):  # the val split, as an "eval" input of the run
+            tracker.log_dataset(uri, manifest_sha, "eval")
         if out_dir is not None:
             for name in ("metrics.json", "report.md", "samples.png", PER_IMAGE_FILE):
                 tracker.log_artifact(Path(out_dir) / name, "eval")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import re
 import subprocess
 import sys
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import version
+from pathlib import Path
 from threading import Thread
 
 import numpy as np
@@ -19,6 +23,7 @@ from conftest import free_port
 from ddcolor.config import load_config
 from ddcolor.data.version import DatasetVersion
 from ddcolor.tracking import MlflowTracker, NullTracker, Tracker, TrackingError, start_tracker
+from ddcolor.tracking.pyfunc import input_example
 
 UNREACHABLE = "tracking server unreachable; continuing without tracking (run {} marked in logs)"
 
@@ -217,8 +222,7 @@ def test_log_model_loads_as_pyfunc_with_same_output(mlflow_server, tmp_path, mon
     client = _client(mlflow_server.uri)
     run = client.get_run(tracker.run_id)
     assert run.data.tags["ddcolor.model_uri"] == uri
-    files = sorted(a.path for a in client.list_artifacts(tracker.run_id, "checkpoint"))
-    assert files == ["checkpoint/generator.json", "checkpoint/generator.safetensors"]
+    assert client.list_artifacts(tracker.run_id) == []  # the checkpoint is stored once: in the LoggedModel below
     logged = client.get_logged_model(uri.removeprefix("models:/"))
     assert logged.source_run_id == tracker.run_id
     assert logged.experiment_id == run.info.experiment_id
@@ -226,6 +230,21 @@ def test_log_model_loads_as_pyfunc_with_same_output(mlflow_server, tmp_path, mon
     assert str(logged.status) in ("READY", "LoggedModelStatus.READY")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "model")))
+    assert sorted(p.name for p in (local / "artifacts").iterdir()) == ["generator.json", "generator.safetensors"]
+    assert (local / "code" / "ddcolor" / "tracking" / "pyfunc.py").is_file()  # the package travels with the model
+    requirements = (local / "requirements.txt").read_text().split()
+    assert not [r for r in requirements if r.startswith("ddcolor")]  # no index has it
+    for name in ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy"):
+        assert f"{name}=={version(name).split('+')[0]}" in requirements
+    assert f"mlflow=={version('mlflow')}" in requirements
+    # the input example: what `mlflow models serve` accepts, checked as MLflow's docs advise before serving
+    served = mlflow.models.validate_serving_input(uri, (local / "serving_input_example.json").read_text())
+    example, params = input_example()
+    expected = Colorizer(model, input_size=params["input_size"], device="cpu").colorize_batch(list(example))
+    assert served.shape == example.shape and served.dtype == np.uint8
+    assert np.abs(served.astype(int) - np.stack(expected).astype(int)).max() <= 1
+
     pyfunc = mlflow.pyfunc.load_model(uri)
     spec = pyfunc.metadata.get_input_schema().inputs[0]
     assert spec.shape == (-1, -1, -1, 3) and spec.type == np.dtype(np.uint8)
@@ -247,6 +266,43 @@ def test_log_model_loads_as_pyfunc_with_same_output(mlflow_server, tmp_path, mon
     np.testing.assert_allclose(ab, expected_ab, atol=1e-5)
 
 
+def test_dataset_inputs_and_val_metrics_linked_to_the_model(mlflow_server, tmp_path):
+    """Lineage MLflow shows: the shards as run inputs (training and eval contexts, digest from the manifest sha256),
+    and `val/*` logged by a later evaluation at the trained step and linked to the run's LoggedModel."""
+    import torch
+
+    from ddcolor.model import build_model
+    from ddcolor.model.checkpoint import save_checkpoint
+
+    mlflow_server.start()
+    torch.manual_seed(0)
+    small = {"nf": 64, "hidden_dim": 64, "nheads": 4, "dim_feedforward": 128, "dec_layers": 1, "num_queries": 8}
+    checkpoint = save_checkpoint(build_model("atto", pretrained=None, **small), tmp_path / "generator")
+    sha = "ab12" * 16
+    tracker = MlflowTracker(mlflow_server.uri, experiment=_experiment(), log_system_metrics=False)
+    tracker.log_dataset("s3://bucket/shards", sha, "training", rows=12)
+    tracker.log_metrics({"train/loss": 1.0}, step=5)
+    uri = tracker.log_model(checkpoint)
+    tracker.finish()
+    evaluation = MlflowTracker(mlflow_server.uri, run_id=tracker.run_id, log_system_metrics=False)  # as evaluate
+    evaluation.log_dataset("s3://bucket/shards", sha, "eval")
+    evaluation.log_metrics({"val/psnr": 21.5, "other": 2.0}, step=0)
+    evaluation.finish()
+
+    client = _client(mlflow_server.uri)
+    inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
+    seen = {(i.dataset.name, i.dataset.digest, i.dataset.source_type, tag.value) for i in inputs for tag in i.tags}
+    assert seen == {("shards", sha[:36], "s3", "training"), ("shards (eval)", sha[:36], "s3", "eval")}
+    assert all(json.loads(i.dataset.profile)["manifest_sha256"] == sha for i in inputs)
+    assert json.loads(inputs[0].dataset.source) == {"uri": "s3://bucket/shards"}
+    (point,) = client.get_metric_history(tracker.run_id, "val/psnr")
+    assert point.step == 5 and point.value == 21.5  # the trained step, not the evaluation's 0
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "other")] == [0]
+    model = client.get_logged_model(uri.removeprefix("models:/"))
+    assert ("val/psnr", 21.5, 5) in {(m.key, m.value, m.step) for m in model.metrics or []}  # also train/* at step 5
+    assert "other" not in {m.key for m in model.metrics or []}
+
+
 def _l_channel(images: np.ndarray) -> np.ndarray:
     import torch
 
@@ -256,11 +312,23 @@ def _l_channel(images: np.ndarray) -> np.ndarray:
     return rgb_to_lab(rgb)[:, 0].numpy()
 
 
+# virtualenv: MLflow builds a fresh environment from the logged requirements.txt (pyenv for the Python version, pip
+# for the pinned packages, ddcolor from the model's code/): ~10 min on the loaded 2-core build machine the first time
+# (a few GB of torch/CUDA wheels from the local wheel store), reused while the requirements are unchanged. Opt-in.
+VIRTUALENV_SERVE = pytest.param(
+    "virtualenv",
+    marks=pytest.mark.skipif(
+        os.environ.get("DDCOLOR_TEST_SERVE_VIRTUALENV") != "1",
+        reason="set DDCOLOR_TEST_SERVE_VIRTUALENV=1 (builds a serving environment: ~10 min the first time)",
+    ),
+)
+
+
 @pytest.mark.slow
-def test_logged_model_serves_colorized_images(mlflow_server, tmp_path):
-    """`mlflow models serve -m models:/m-...` answers /invocations with a colorized uint8 image."""
-    import json
-    import os
+@pytest.mark.parametrize("env_manager", ["local", VIRTUALENV_SERVE])
+def test_logged_model_serves_colorized_images(mlflow_server, tmp_path, env_manager):
+    """`mlflow models serve -m models:/m-...` answers /invocations with a colorized uint8 image; with the virtualenv
+    env manager the environment holds only what the model logged (its requirements, ddcolor from code_paths)."""
     import signal
     import urllib.error
     import urllib.request
@@ -282,15 +350,17 @@ def test_logged_model_serves_colorized_images(mlflow_server, tmp_path):
 
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
+    pyenv = os.path.expanduser("~/.pyenv/bin")  # the virtualenv manager installs the logged Python with pyenv
+    path = os.pathsep.join([bin_dir, pyenv, os.environ["PATH"]])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": path}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", env_manager]
     cmd += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     log_file = tmp_path / "serve.log"
     with open(log_file, "wb") as out:
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + (90 if env_manager == "local" else 1800)
         while True:
             assert server.poll() is None, log_file.read_text()[-3000:]
             try:

@@ -1,10 +1,14 @@
 """The MLflow serving model of a DDColor generator: `DDColorPyfunc` (pyfunc flavor) and its `model_signature`.
 
 `ddcolor.tracking.MlflowTracker.log_model` logs a generator checkpoint with it; load it with
-``mlflow.pyfunc.load_model(uri)`` or serve it with ``mlflow models serve -m <uri>``. The only tracking module that
-imports `ddcolor.colorize` (inside `DDColorPyfunc`, on first prediction), so the rest of `ddcolor.tracking` stays
-below the inference layer. ``DDColorPyfunc`` subclasses an mlflow class, so it is defined on first access (module
-``__getattr__``), not at import.
+``mlflow.pyfunc.load_model(uri)`` or serve it with ``mlflow models serve -m <uri>``. The model carries what serving
+needs: the ddcolor package source (`package_code_path`, MLflow ``code_paths``: no index has ddcolor), its core
+requirements pinned to the versions of the logging environment (`serving_requirements`), and an input example
+(`input_example`, saved as ``serving_input_example.json`` for ``mlflow.models.validate_serving_input``).
+
+The only tracking module that imports `ddcolor.colorize` (inside `DDColorPyfunc`, on first prediction), so the rest
+of `ddcolor.tracking` stays below the inference layer. ``DDColorPyfunc`` subclasses an mlflow class, so it is
+defined on first access (module ``__getattr__``), not at import.
 """
 
 from __future__ import annotations
@@ -13,7 +17,60 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DDColorPyfunc", "checkpoint_config_file", "model_signature"]  # noqa: F822 - DDColorPyfunc: see __getattr__
+__all__ = [  # noqa: F822 - DDColorPyfunc: see __getattr__
+    "DDColorPyfunc",
+    "checkpoint_config_file",
+    "input_example",
+    "model_signature",
+    "package_code_path",
+    "serving_requirements",
+]
+
+#: What the serving model imports: ddcolor's core dependencies (pyproject.toml ``dependencies``), pinned at logging.
+SERVING_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pillow",
+    "safetensors",
+    "pyyaml",
+    "pydantic",
+    "typer",
+    "tqdm",
+    "tifffile",
+    "huggingface-hub",
+    "fsspec",
+    "python-dotenv",
+)
+#: Side of the square network input used by the input example (small: MLflow predicts on it when logging).
+EXAMPLE_INPUT_SIZE = 64
+
+
+def serving_requirements() -> list[str]:
+    """``name==version`` for each of `SERVING_PACKAGES`, the versions installed here (what the model was logged with).
+
+    A local version label (``2.14.1+cu130``) is dropped: the same release from another index (CPU or CUDA wheels)
+    serves the same network. MLflow adds ``mlflow==<version>`` itself.
+    """
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+
+
+def package_code_path() -> str:
+    """The folder of the imported ``ddcolor`` package, logged as the model's ``code_paths`` entry."""
+    import ddcolor
+
+    return str(Path(ddcolor.__file__).resolve().parent)
+
+
+def input_example() -> tuple[Any, dict[str, int]]:
+    """A small uint8 (1, 32, 48, 3) RGB image and params ``{"input_size": 64}`` (MLflow's ``(data, params)`` form)."""
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(0, 256, (1, 32, 48, 3), dtype=np.uint8)
+    return image, {"input_size": EXAMPLE_INPUT_SIZE}
 
 
 def checkpoint_config_file(checkpoint: Path, tmp: Path) -> Path:

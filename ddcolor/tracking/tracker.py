@@ -49,7 +49,6 @@ import os
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -93,8 +92,9 @@ _MAX_PARAMS_TAGS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 
 _psutil_warned = False
-# MLflow's advice that does not apply to a tensor model logged with an explicit signature.
-_QUIET_MODEL_WARNINGS = (".*An input example was not provided.*",)
+#: Run tags: the run's logged model (``models:/m-...``) and the training step it was logged at.
+MODEL_URI_TAG = "ddcolor.model_uri"
+MODEL_STEP_TAG = "ddcolor.model_step"
 
 
 class TrackingError(DDColorError, RuntimeError):
@@ -134,6 +134,10 @@ class Tracker(Protocol):
         """Log a generator checkpoint as an MLflow model; return its URI (``models:/m-...``) or None."""
         ...
 
+    def log_dataset(self, uri: str, manifest_sha256: str, context: str, *, rows: int | None = None) -> None:
+        """Record a shard dataset as a run input (MLflow "Datasets used"), `context` "training" or "eval"."""
+        ...
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status` (FINISHED, FAILED or KILLED); later calls do nothing."""
         ...
@@ -171,6 +175,9 @@ class NullTracker:
 
     def log_model(self, model_dir_or_checkpoint: Path, name: str = "generator") -> str | None:
         return None
+
+    def log_dataset(self, uri: str, manifest_sha256: str, context: str, *, rows: int | None = None) -> None:
+        pass
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
@@ -311,6 +318,9 @@ class MlflowTracker:
         self._finished = False
         self._last_attempt = 0.0
         self._last_step = 0
+        # the run's logged model: `val/*` metrics are its evaluation, linked to it (model_id) at its step
+        self._model_id: str | None = None
+        self._model_step = 0
         self._warned: set[str] = set()
         self._lock = threading.RLock()
         self._monitor: Any = None
@@ -335,6 +345,10 @@ class MlflowTracker:
                 if run_id is not None:
                     run = self._client.get_run(run_id)
                     self.experiment_id = run.info.experiment_id
+                    model_uri = run.data.tags.get(MODEL_URI_TAG, "")
+                    if model_uri.startswith("models:/m-"):  # evaluating the model this run trained
+                        self._model_id = model_uri.removeprefix("models:/")
+                        self._model_step = int(run.data.tags.get(MODEL_STEP_TAG, "0") or 0)
                     if tags:
                         self._client.log_batch(run_id, tags=_run_tags(self._tag_values(tags)), synchronous=True)
                 else:
@@ -402,8 +416,11 @@ class MlflowTracker:
         timestamp = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
+            at, model_id = int(step), None
+            if self._model_id and str(key).startswith("val/"):
+                at, model_id = self._model_step, self._model_id  # the model page shows its evaluation
             try:
-                items.append(Metric(str(key), float(value), timestamp, int(step)))
+                items.append(Metric(str(key), float(value), timestamp, at, model_id=model_id))
             except (TypeError, ValueError):
                 self._warn_once(f"metric:{key}", "metric %r=%r is not a number; not logged", key, value)
         self._last_step = max(self._last_step, int(step))
@@ -466,8 +483,7 @@ class MlflowTracker:
             config = pyfunc.checkpoint_config_file(checkpoint, Path(tmp))
 
             def send() -> str:
-                self._client.log_artifact(self._run_id, str(checkpoint), "checkpoint")
-                self._client.log_artifact(self._run_id, str(config), "checkpoint")
+                # the checkpoint is stored once, inside the LoggedModel (artifacts/), not also as a run artifact
                 logged = self._client.create_logged_model(
                     experiment_id=self.experiment_id,
                     name=name,
@@ -475,11 +491,11 @@ class MlflowTracker:
                     model_type="ddcolor-generator",
                     tags={"ddcolor.checkpoint": checkpoint.name},
                 )
-                with use_tracking_uri(self.tracking_uri), warnings.catch_warnings():
-                    for text in _QUIET_MODEL_WARNINGS:
-                        warnings.filterwarnings("ignore", message=text, category=UserWarning)
+                with use_tracking_uri(self.tracking_uri):
                     info = self._log_pyfunc(logged.model_id, checkpoint, config, name)
-                self._client.set_tag(self._run_id, "ddcolor.model_uri", info.model_uri)
+                self._client.set_tag(self._run_id, MODEL_URI_TAG, info.model_uri)
+                self._client.set_tag(self._run_id, MODEL_STEP_TAG, str(self._last_step))
+                self._model_id, self._model_step = logged.model_id, self._last_step
                 return info.model_uri
 
             uri = self._guarded("log_model", send, timeout_s=self.artifact_timeout_s)
@@ -492,7 +508,6 @@ class MlflowTracker:
         import mlflow.pyfunc
         from mlflow.models import Model
 
-        import ddcolor
         from ddcolor.tracking import pyfunc
 
         return Model.log(
@@ -505,8 +520,39 @@ class MlflowTracker:
             python_model=pyfunc.DDColorPyfunc(),
             artifacts={"checkpoint": str(checkpoint), "config": str(config)},
             signature=pyfunc.model_signature(),
-            pip_requirements=[f"ddcolor=={ddcolor.__version__}"],
+            input_example=pyfunc.input_example(),
+            # no index has ddcolor: its source travels with the model, its dependencies are pinned
+            code_paths=[pyfunc.package_code_path()],
+            pip_requirements=pyfunc.serving_requirements(),
         )
+
+    def log_dataset(self, uri: str, manifest_sha256: str, context: str, *, rows: int | None = None) -> None:
+        """Record the shard dataset at `uri` as an input of the run, shown under "Datasets used".
+
+        Args:
+            uri: the dataset (local folder or ``s3://`` prefix): the MLflow dataset's source.
+            manifest_sha256: sha256 of its ``manifest.json``; the MLflow digest is its first 36 hex characters
+                (MLflow's limit), the whole of it is in the dataset profile.
+            context: ``training`` or ``eval`` (input tag ``mlflow.data.context``); the dataset is named after the
+                last part of `uri`, with `` (eval)`` appended outside training (MLflow would merge the two inputs).
+            rows: images in the dataset, when known (profile).
+        """
+        if self._run_id is None or self._finished:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        name = uri.rstrip("/").rsplit("/", 1)[-1] or uri
+        if context != "training":  # MLflow keeps one input per dataset (name, digest) and run: the eval one is named
+            name = f"{name} ({context})"
+        dataset = Dataset(
+            name=name,
+            digest=manifest_sha256[:36],
+            source_type="s3" if uri.startswith("s3://") else "local",
+            source=json.dumps({"uri": uri}),
+            profile=json.dumps({"manifest_sha256": manifest_sha256, "rows": rows}),
+        )
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+        self._guarded("log_dataset", lambda: self._client.log_inputs(self._run_id, datasets=inputs))
 
     def finish(self, status: str = "FINISHED") -> None:
         with self._lock:

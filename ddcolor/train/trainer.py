@@ -383,6 +383,9 @@ class Trainer:
             )
             self.tracker.log_params(params)
             self.tracker.set_tags(self._dataset_tags())
+            version = getattr(self, "dataset_version", {})
+            if version.get("manifest_sha256") and hasattr(self.tracker, "log_dataset"):  # MLflow "Datasets used"
+                self.tracker.log_dataset(version["uri"], version["manifest_sha256"], "training", rows=version["rows"])
         if self.is_main:
             log.info(
                 "training %s on %s: %d steps, batch %d = %d ranks x %d accum x %d micro, from step %d",
