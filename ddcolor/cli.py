@@ -575,6 +575,7 @@ def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool, p
     from ddcolor import demo
     from ddcolor.config import EnvSettings
     from ddcolor.data.samples import write_samples
+    from ddcolor.tracking.client import ui_fragment
 
     started = time.monotonic()
     params, warnings = demo.pipeline_demo_params(
@@ -588,8 +589,12 @@ def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool, p
     result = _pipeline(params, no_prefect, progress=True)
     name = sections["registry"]["model_name"]
     tracking = EnvSettings.from_env().mlflow_tracking_uri
-    mlflow_ui = _venv_command("mlflow") + " ui --backend-store-uri " + tracking
-    ui = mlflow_ui if not tracking.startswith("http") else tracking
+    ui = tracking  # a server: its runs table below; a local store: the command that serves it
+    if not tracking.startswith("http"):
+        ui = f"{_venv_command('mlflow')} ui --backend-store-uri {tracking}, then open http://127.0.0.1:5000/"
+    experiment_id = _experiment_id(tracking, sections["registry"].get("experiment_name", name))
+    if experiment_id is not None:
+        ui = ui.rstrip("/") + "/" + ui_fragment(experiment_id)
     typer.echo("")
     typer.echo(f"demo finished in {time.monotonic() - started:.0f} s: {result.status.replace('_', ' ')}")
     typer.echo(f"  sample grid (gray | champion | original): {result.grid}")
@@ -604,6 +609,17 @@ def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool, p
     typer.echo(f"  playground:     {ddcolor} ui --registered-model {name}   (http://127.0.0.1:7860/)")
     if sections["model"].get("pretrained") is None or sections["eval"].get("metric_weights") == "random":
         typer.echo("  (trained and scored without pretrained weights: see the warnings above)", err=True)
+
+
+def _experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of experiment `name` in `tracking_uri`, or None when it cannot be read (the demo then prints less)."""
+    from ddcolor.tracking import client as tracking_client
+
+    try:
+        experiment = tracking_client.client(tracking_uri).get_experiment_by_name(name)
+    except Exception:  # only a nicer link is lost
+        return None
+    return experiment.experiment_id if experiment else None
 
 
 def _venv_command(name: str) -> str:

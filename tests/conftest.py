@@ -19,6 +19,7 @@ The corpus builder is also importable (``from conftest import make_image_corpus`
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -432,3 +433,35 @@ def tiny_recipe(**changes: dict) -> dict[str, dict]:
 def dotted(sections: dict[str, dict]) -> dict[str, object]:
     """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}`` (overrides for `ddcolor.config.load_config`)."""
     return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+# --- headless Chromium (browser tests of the playground and of the MLflow UI) ------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # without these Chromium keeps calling Google services on the closed network
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium through Playwright; skips with how to enable it (fails in CI, which installs it)."""
+    # .ci/run installs chromium and sets DDCOLOR_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip
+    missing = pytest.fail if os.environ.get("DDCOLOR_REQUIRE_BROWSER") == "1" else pytest.skip
+    if not CHROMIUM.exists():
+        missing("browser tests need Debian's chromium at /usr/bin/chromium: `apt-get install chromium`")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("browser tests need Playwright's Python package: `pip install playwright` (no browser download)")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()

@@ -36,17 +36,6 @@ except ImportError:
     from conftest import free_port
 
 SIZE = 64  # network input size, px
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",  # without these Chromium keeps calling Google services on the closed network
-    "--disable-component-update",
-    "--disable-sync",
-]
 SMALL = {"nf": 64, "hidden_dim": 64, "nheads": 4, "dim_feedforward": 128, "dec_layers": 1, "num_queries": 8}
 
 
@@ -235,13 +224,16 @@ def test_catalogue_without_registry_or_weights(no_weights, client):
 
 def test_mlflow_run_link():
     assert mlflow_run_link("http://mlflow:5000/", "3", "abc") == (
-        "http://mlflow:5000/#/experiments/3/runs/abc",
+        "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning",
         "MLflow run abc",
     )
     url, hint = mlflow_run_link("sqlite:///mlflow.db", "3", "abc")
     assert url is None and hint.startswith("run `mlflow ui --backend-store-uri sqlite:///mlflow.db`")
-    assert hint.endswith("/#/experiments/3/runs/abc")
-    assert mlflow_run_link("https://u:secret@host/", "1", "r")[0] == "https://u:***@host/#/experiments/1/runs/r"
+    assert hint.endswith("/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert (
+        mlflow_run_link("https://u:secret@host/", "1", "r")[0]
+        == "https://u:***@host/#/experiments/1/runs/r?workflowType=machine_learning"
+    )
 
 
 # --- auth -------------------------------------------------------------------------------------------------
@@ -481,7 +473,10 @@ def test_catalogue_shows_versions_metrics_gates_and_runs(registry, mlflow_server
     assert failed == ["fid_vs_champion"]
     for version, run_id in runs.items():
         assert versions[version]["run_id"] == run_id
-        assert versions[version]["run_url"] == f"{mlflow_server.uri}/#/experiments/{experiment}/runs/{run_id}"
+        assert (
+            versions[version]["run_url"]
+            == f"{mlflow_server.uri}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+        )
 
     # champion is resolved to its version: one cache entry for "champion" and "models:/NAME/1"
     res = post_colorize(client, [("a.png", photo_png())], model="champion")
@@ -508,23 +503,6 @@ def test_unreachable_registry_is_reported_not_hung(offline_env):
 
 
 # --- the page in headless Chromium --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Debian Chromium through Playwright; skips with how to enable it (fails in CI, which installs it)."""
-    # .ci/run installs chromium and sets DDCOLOR_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip
-    missing = pytest.fail if os.environ.get("DDCOLOR_REQUIRE_BROWSER") == "1" else pytest.skip
-    if not CHROMIUM.exists():
-        missing("browser tests need Debian's chromium at /usr/bin/chromium: `apt-get install chromium`")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("browser tests need Playwright's Python package: `pip install playwright` (no browser download)")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")

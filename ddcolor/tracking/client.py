@@ -140,7 +140,7 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def run_url(run_id: str, *, experiment_id: str | None = None, tracking_uri: str | None = None) -> str | None:
-    """The MLflow UI page of a run (``<server>/#/experiments/<exp>/runs/<run>``, password redacted) for an HTTP
+    """The MLflow UI page of a run (``<server>/`` + `ui_fragment`, password redacted) for an HTTP
     tracking server, else None (a local store has no UI running).
 
     Args:
@@ -152,4 +152,17 @@ def run_url(run_id: str, *, experiment_id: str | None = None, tracking_uri: str 
         return None
     if experiment_id is None:
         experiment_id = client(uri).get_run(run_id).info.experiment_id
-    return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{redact(uri).rstrip('/')}/{ui_fragment(experiment_id, run_id)}"
+
+
+# MLflow 3.17's web UI opens every experiment in its GenAI workflow (traces/tokens overview) unless the page address
+# asks for the classic one: with its workflow switch on, the UI ignores the experiment's ``mlflow.experimentKind`` tag
+# (the tracker still sets it, for UIs that read it). The choice then sticks in the browser's local storage.
+UI_WORKFLOW_QUERY = "?workflowType=machine_learning"
+
+
+def ui_fragment(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI address (after the server root) of an experiment's runs table, or of one run, in the classic
+    machine-learning workflow: ``#/experiments/<exp>/runs[/<run>]?workflowType=machine_learning``."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return page + UI_WORKFLOW_QUERY

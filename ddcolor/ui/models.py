@@ -111,16 +111,16 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
 def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> tuple[str | None, str]:
     """Where a person sees a run: ``(url, hint)``.
 
-    For an http(s) tracking server the url is its UI page of the run (``<uri>/#/experiments/<exp>/runs/<run>``); for a
+    For an http(s) tracking server the url is its UI page of the run (``<uri>/`` + `ui_fragment`); for a
     local store (sqlite:, file paths) there is no server, so url is None and the hint names the command that starts
     one (``mlflow ui --backend-store-uri ...``) and the page to open there.
     """
-    from ddcolor.tracking.client import run_url
+    from ddcolor.tracking.client import run_url, ui_fragment
 
     url = run_url(run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
     if url:
         return url, f"MLflow run {run_id}"
-    fragment = f"#/experiments/{experiment_id}/runs/{run_id}"
+    fragment = ui_fragment(experiment_id, run_id)
     return None, f"run `mlflow ui --backend-store-uri {tracking_uri}`, then open http://127.0.0.1:5000/{fragment}"
 
 
