@@ -17,6 +17,8 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx):
         from ddcolor._optional import missing_extra
+        from ddcolor.config import ConfigError
+        from ddcolor.errors import DDColorError
 
         try:
             return super().invoke(ctx)
@@ -26,6 +28,13 @@ class _Group(TyperGroup):
                 raise
             typer.echo(f"Error: {hint}", err=True)
             raise typer.Exit(EXIT_MISSING_EXTRA) from None
+        except DDColorError as exc:
+            # An expected failure (bad file, unreachable service, bad config...): its message names the file or
+            # service and what to do. Tracebacks are for bugs, and for -v.
+            if ctx.params.get("verbose"):
+                raise
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
 
 
 app = typer.Typer(
@@ -611,6 +620,23 @@ def _pipeline_demo(out: str, steps: int | None, force: bool, no_prefect: bool, p
         typer.echo("  (trained and scored without pretrained weights: see the warnings above)", err=True)
 
 
+def _require_tracking_server() -> None:
+    """Fail in one line, at once, when MLFLOW_TRACKING_URI names an HTTP server that does not answer (MLflow's own
+    client would retry for minutes before saying the same)."""
+    from ddcolor.tracking import TrackingError
+    from ddcolor.tracking import client as tracking_client
+
+    uri = tracking_client.tracking_uri()
+    if not tracking_client.is_http(uri):
+        return
+    problem = tracking_client.health_problem(uri, timeout=10)
+    if problem:
+        raise TrackingError(
+            f"the MLflow server {tracking_client.redact(uri)} is not reachable ({problem}): start it, or point "
+            "MLFLOW_TRACKING_URI at the right one"
+        )
+
+
 def _experiment_id(tracking_uri: str, name: str) -> str | None:
     """The id of experiment `name` in `tracking_uri`, or None when it cannot be read (the demo then prints less)."""
     from ddcolor.tracking import client as tracking_client
@@ -728,6 +754,7 @@ def approve_command(
     from ddcolor.approval import ApprovalError, answer
 
     cfg = _train_config(config, [])
+    _require_tracking_server()
     try:
         line = answer(target, cfg, approve=not reject, comment=comment, approver=by or getpass.getuser())
     except ApprovalError as err:
@@ -1286,6 +1313,7 @@ def gate_command(
     from ddcolor.registry import RegistryError, gate_run
 
     cfg = _train_config(config, [])
+    _require_tracking_server()
     run_id = _run_id_of(run_id, model)
     try:
         values = json.loads(Path(metrics).read_text()) if metrics else None
@@ -1356,6 +1384,7 @@ def promote_command(
         typer.echo("Error: give exactly one of --run-id ID, --model PATH or --rollback", err=True)
         raise typer.Exit(2)
     cfg = _train_config(config, [])
+    _require_tracking_server()
     name, alias = cfg.registry.model_name, cfg.registry.champion_alias
     if do_rollback:
         try:
@@ -1507,7 +1536,7 @@ def _load_dotenv() -> None:
 
 @app.callback()
 def _main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, and the traceback of an error."),
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
