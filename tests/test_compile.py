@@ -2,15 +2,17 @@
 
 Until the anti-checkerboard blur was restated (`ddcolor.model.layers.blur_2x2`), the compiled training step failed
 in the backward pass: inductor's fallback for ``aten.replication_pad2d_backward`` asserted contiguous strides on a
-channels-last gradient. Here the generator is compiled by the trainer exactly as ``train.compile=true`` does, with
-bf16 autocast (``train.amp=auto`` on this AMX CPU, where the failure showed), on the smallest network the trainer
-accepts: timm's ``test_convnext`` backbone (0.6 M parameters in all) with a small decoder, 64 px, batch 2, so that
-compilation (most of the time: about a minute of CPU) stays small. Random initialisation throughout.
+channels-last gradient. Here the generator is compiled by the trainer exactly as ``train.compile=true`` does, in
+fp32 (the same numerics on every CPU; the bf16/channels-last case of the original failure is the blur test below), on
+the smallest network the trainer accepts: timm's ``test_convnext`` backbone (0.6 M parameters in all) with a small
+decoder, 64 px, batch 2, so that compilation (most of the time: about a minute of CPU) stays small. Random
+initialisation throughout.
 
-Tolerances: compiled kernels reorder float sums, and under bf16 autocast that changes the last bits of the losses
-(measured: relative 1e-5). A wrong backward (the failure mode of a bad restatement) changes the step-2 and
-step-3 losses at the percent level and flips Adam's update directions, so the weights after 3 steps are also
-compared against how far training moved them.
+Tolerances: compiled kernels reorder float sums, which changes the last bits of the losses. A wrong backward (the
+failure mode of a bad restatement) changes the step-2 and step-3 losses at the percent level and flips Adam's update
+directions, so the weights after 3 steps are also compared against how far training moved them: measured 2e-5 of
+that distance in fp32 (bound 1e-3). Under bf16 autocast the same comparison measured 0.063: Adam's early, sign-like
+updates amplify bf16's rounding differences, so a weight bound there says little.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ SMALL = [
     "train.max_steps=3",
     "train.log_every=1",
     "train.checkpoint_every=1000",
-    "train.amp=bf16",
+    "train.amp=none",  # fp32: the same numerics on every CPU (emulated bf16 is ~80x slower without AMX)
     "train.channels_last=false",
     "train.seed=0",
 ]
@@ -119,7 +121,7 @@ def test_compiled_training_steps_match_eager(tmp_path):
     assert len(eager) == len(compiled) == 3
     for step, (e, c) in enumerate(zip(eager, compiled, strict=True), start=1):
         for term in ("loss_pixel", "loss_perceptual", "loss_gan", "loss_colorfulness", "loss_g", "loss_d"):
-            assert c[term] == pytest.approx(e[term], rel=5e-3, abs=1e-4), f"step {step} {term}: {c[term]} vs {e[term]}"
+            assert c[term] == pytest.approx(e[term], rel=1e-3, abs=1e-5), f"step {step} {term}: {c[term]} vs {e[term]}"
 
     moved = changed = 0.0
     for name, start in w0.items():
@@ -128,4 +130,4 @@ def test_compiled_training_steps_match_eager(tmp_path):
             moved += float((w_eager[name] - start).abs().sum())
             changed += float((w_compiled[name] - w_eager[name]).abs().sum())
     assert moved > 0
-    assert changed < 0.05 * moved, f"compiled weights differ by {changed / moved:.3f} of the distance training moved"
+    assert changed < 1e-3 * moved, f"compiled weights differ by {changed / moved:.3f} of the distance training moved"
