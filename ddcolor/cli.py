@@ -1329,15 +1329,9 @@ def gate_command(
 
 def _write_promotion(path: str, record: dict, json_out: bool = False) -> None:
     """Write the promotion record as JSON (atomically: a reader never sees half a file)."""
-    import json
-    import os
-    from pathlib import Path
+    from ddcolor import storage
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    storage.write_json(path, record)
     _say(f"decision: {path}", json_out)
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddcolor import metrics as M
+from ddcolor import storage
 from ddcolor.color import gray_rgb_from_l, lab_to_rgb
 
 __all__ = ["METRIC_KEYS", "PER_IMAGE_FILE", "EvalResult", "default_stats_cache", "eval_config_sha256", "evaluate"]
@@ -325,10 +326,11 @@ def evaluate(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({**results, "n_images": n}, indent=2) + "\n")
-        (out / PER_IMAGE_FILE).write_text(json.dumps(_per_image_record(result)) + "\n")
-        Image.fromarray(_grid(samples)).save(out / "samples.png")
-        (out / "report.md").write_text(_report(results, n, protocol))
+        # atomic writes: `dvc metrics show` or a gate reading these never sees half a file
+        storage.write_json(out / "metrics.json", {**results, "n_images": n})
+        storage.write_bytes(out / PER_IMAGE_FILE, (json.dumps(_per_image_record(result)) + "\n").encode())
+        storage.write_local_atomic(out / "samples.png", lambda tmp: Image.fromarray(_grid(samples)).save(tmp, "PNG"))
+        storage.write_bytes(out / "report.md", _report(results, n, protocol).encode())
         result.out_dir = out
     if tracker is not None:
         logged = {**results, "n_images": float(n)}  # every metric record says how many images it covers
