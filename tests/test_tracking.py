@@ -393,13 +393,16 @@ def test_logged_model_serves_colorized_images(mlflow_server, tmp_path, env_manag
 
 
 def test_embedded_sqlite_default(tmp_path, monkeypatch):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # MLflow caches stores by URI string for the life of the process, so a relative sqlite:///mlflow.db opened
-    # earlier by another test in another working directory would be reused here (see the README's known gaps)
+    # MLflow caches stores and database engines by URI string for the life of the process, so a relative
+    # sqlite:///mlflow.db opened earlier by another test in another working directory would be reused here (see the
+    # README's known gaps)
     _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    monkeypatch.setattr(SqlAlchemyStore, "_engine_map", {})
     with MlflowTracker(experiment="local", run_name="embedded", log_system_metrics=False) as tracker:
         assert tracker.tracking_uri == "sqlite:///mlflow.db"
         tracker.log_metrics({"loss": 0.5}, step=3)
