@@ -465,3 +465,21 @@ def browser():
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         yield chromium
         chromium.close()
+
+
+# --- Prefect ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A temporary Prefect server per test module (PREFECT_HOME in a tmp folder, no telemetry); a module may
+    override it (the end-to-end deployment test starts a real `prefect server start` of its own)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+    mp.undo()

@@ -35,20 +35,6 @@ def sections(root: Path, name: str, **extra: dict) -> dict[str, dict]:
     return params
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """A temporary Prefect server for the session (PREFECT_HOME in a tmp folder, no telemetry)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-flows') / 'mlflow.db'}"

@@ -24,19 +24,6 @@ from conftest import free_port, make_random_images
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-    mp.undo()
-
-
 class DaskCluster:
     """``dask scheduler`` + ``dask worker --nworkers 2`` as subprocesses on 127.0.0.1, run from ``cwd`` (not the
     checkout) with no PYTHONPATH: the workers can import the installed ``ddcolor`` and nothing from ``flows/``."""
