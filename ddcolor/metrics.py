@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddcolor import storage
 from ddcolor._optional import require
 from ddcolor.color import colorfulness
 
@@ -154,11 +155,14 @@ class FeatureStats:
     def save(self, path: str | Path, **meta: Any) -> Path:
         """Write ``mu``, ``sigma``, ``n`` (and string metadata) to an ``.npz`` file, atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        extra = {f"meta_{k}": np.asarray(str(v)) for k, v in meta.items()}
-        np.savez(tmp, mu=self.mean(), sigma=self.cov(), n=np.asarray(self.n), **extra)
-        tmp.replace(path)
+        arrays = {"mu": self.mean(), "sigma": self.cov(), "n": np.asarray(self.n)}
+        arrays.update({f"meta_{k}": np.asarray(str(v)) for k, v in meta.items()})
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
+                np.savez(fh, **arrays)
+
+        storage.write_local_atomic(path, write)
         return path
 
     @staticmethod

@@ -57,6 +57,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from ddcolor import storage
 from ddcolor.errors import DDColorError
 
 __all__ = [
@@ -255,10 +256,8 @@ def _read_recorded(path: Path) -> str | None:
 
 
 def _write_recorded(path: Path, digest: str) -> None:
-    side = _sidecar(path)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(f"{digest}  {path.name}\n")  # `sha256sum -c` format
-    os.replace(tmp, side)
+    line = f"{digest}  {path.name}\n"  # `sha256sum -c` format
+    storage.write_local_atomic(_sidecar(path), lambda tmp: Path(tmp).write_text(line))
 
 
 def _refetch_hint(spec: WeightSpec) -> str:
@@ -477,6 +476,9 @@ def _install(spec: WeightSpec, tmp: Path, actual: str, origin: str, hub: str | N
     previous = _read_recorded(dst)
     if previous is not None and previous != actual:
         logger.warning("Replacing %s: recorded sha256 was %s, new file is %s", dst, previous, actual)
+    # A rename of our own, not `storage.write_local_atomic`: the temp file was filled (and hashed, and checked)
+    # before this point by one of three writers (a download, a copy, or a hard link to the Hugging Face cache's
+    # blob), and a hard link must keep its blob's permissions: chmod would change the Hub cache's file too.
     umask = os.umask(0)
     os.umask(umask)
     if tmp.stat().st_nlink == 1:  # not a hard link into the Hugging Face cache

@@ -21,11 +21,11 @@ import hashlib
 import inspect
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ddcolor import storage
 from ddcolor.data import shards
 
 __all__ = ["LabEncoder", "build_table", "cache_path", "load_or_build"]
@@ -106,11 +106,13 @@ def load_or_build(build: bool = True) -> np.ndarray | None:
     if not build:
         return None
     table = build_table()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".lab_lut-", suffix=".npy", delete=False) as fh:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
             np.save(fh, table)
-        os.replace(fh.name, path)  # atomic: concurrent builders write the same bytes
+
+    try:
+        storage.write_local_atomic(path, write)  # atomic: concurrent builders write the same bytes
     except OSError as err:
         log.info("could not cache the Lab table in %s (%s); it is rebuilt per process", path.parent, err)
     return table
