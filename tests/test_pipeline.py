@@ -324,19 +324,20 @@ def test_cli_pipeline_no_prefect_merges_overrides(fake_run_pipeline, tmp_path):
 def test_cli_pipeline_passes_the_ingest_task_runner_to_the_flow(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from ddcolor import cli
+    from ddcolor.cli import app
+    from ddcolor.cli import pipeline as pipeline_cli
 
     seen = {}
 
     def fake_pipeline(params, no_prefect, progress):
         seen.update(params, no_prefect=no_prefect)
 
-    monkeypatch.setattr(cli, "_pipeline", fake_pipeline)
+    monkeypatch.setattr(pipeline_cli, "_pipeline", fake_pipeline)
     args = ["pipeline", "--work-dir", str(tmp_path), "--ingest-task-runner", "process"]
-    result = CliRunner().invoke(cli.app, args)
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen["ingest_task_runner"] == "process" and not seen["no_prefect"]
-    refused = CliRunner().invoke(cli.app, [*args, "--no-prefect"])
+    refused = CliRunner().invoke(app, [*args, "--no-prefect"])
     assert refused.exit_code == 2 and "needs the Prefect flow" in refused.output
 
 
