@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddcolor import storage
 from ddcolor._optional import require
 from ddcolor.model.ddcolor import INPUT_MULTIPLE, DDColor, check_gray_rgb_shape
 from ddcolor.model.inference import InferenceDDColor, prepare_for_inference
@@ -94,36 +95,34 @@ def export_onnx(
     height, width = sample_size
     if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE or height <= 0 or width <= 0:
         raise ValueError(f"sample_size must be positive multiples of {INPUT_MULTIPLE}, got {sample_size}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = _export_module(model)
     sample = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            program = torch.onnx.export(
-                module,
-                (sample,),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
-                opset_version=opset,
-                dynamo=True,
-                optimize=optimize,  # see the module docstring: onnxruntime optimizes on load
-                verbose=False,
-            )
-        proto = program.model_proto
-        dims = proto.graph.output[0].type.tensor_type.shape.dim
-        for dim, name in zip(dims, ("batch", None, "height", "width"), strict=True):
-            if name is not None:
-                dim.dim_param = name  # `32*((height//32))` etc.: equal for every accepted input
-        onnx.save(proto, str(tmp))
-        if check:
-            onnx.checker.check_model(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        program = torch.onnx.export(
+            module,
+            (sample,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+            opset_version=opset,
+            dynamo=True,
+            optimize=optimize,  # see the module docstring: onnxruntime optimizes on load
+            verbose=False,
+        )
+    proto = program.model_proto
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    for dim, name in zip(dims, ("batch", None, "height", "width"), strict=True):
+        if name is not None:
+            dim.dim_param = name  # `32*((height//32))` etc.: equal for every accepted input
+
+    def save(tmp: str) -> None:
+        onnx.save(proto, tmp)
+        if check:  # a model that fails the check never replaces the file at `path`
+            onnx.checker.check_model(tmp)
+
+    path = Path(path)
+    storage.write_local_atomic(path, save)
     log.info("exported %s (opset %d)", path, opset)
     return path
 
