@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ddcolor import storage
 from ddcolor._optional import require
 from ddcolor.color import lab_to_rgb, rgb_to_lab
 from ddcolor.errors import DDColorError
@@ -642,9 +643,12 @@ class _SegmentWriter:
         self.closed = True
         os.replace(self.tmp, self.work / self.name)
         state_name = f"seg-{self.number:05d}.state.npz"
-        with open(self.work / f"{state_name}.tmp", "wb") as fh:
-            np.savez(fh, **state)
-        os.replace(self.work / f"{state_name}.tmp", self.work / state_name)
+
+        def write_state(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
+                np.savez(fh, **state)
+
+        storage.write_local_atomic(self.work / state_name, write_state)
         record = {
             "file": self.name,
             "frames": self.frames,
@@ -739,9 +743,7 @@ def _model_digest(colorizer: Any) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    storage.write_local_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # --- files: images and videos together --------------------------------------------------------------------
