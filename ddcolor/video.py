@@ -559,10 +559,10 @@ class VideoColorizer:
         fmt: str,
         result: VideoResult,
     ) -> None:
-        tmp = dst.parent / f".{dst.stem}.partial{dst.suffix}"
         opened: list[Any] = []
-        try:
-            with _open(src) as source, av.open(str(tmp), "w", format=fmt) as out:
+
+        def write(tmp: str) -> None:  # the container format is `fmt`, whatever the temp file is called
+            with _open(src) as source, av.open(tmp, "w", format=fmt) as out:
                 first_seg = av.open(str(work / segments[0]["file"]))
                 opened.append(first_seg)
                 video_in = first_seg.streams.video[0]
@@ -593,15 +593,16 @@ class VideoColorizer:
                 for is_video_packet, packet in _interleave(video_packets, other):
                     packet.stream = video_out if is_video_packet else copies[packet.stream.index]
                     out.mux(packet)
+
+        try:
+            storage.write_local_atomic(dst, write)
         except (av.error.FFmpegError, OSError, ValueError) as err:
-            tmp.unlink(missing_ok=True)
             raise VideoError(
                 dst, f"cannot write the output ({type(err).__name__}: {err}); segments kept in {work}"
             ) from None
         finally:
             for container in opened:
                 container.close()
-        os.replace(tmp, dst)
 
 
 class _SegmentWriter:
