@@ -23,15 +23,15 @@ Parts (full run; ``--smoke`` shrinks every size, see ``SMOKE``):
     loader    `ddcolor.data.loader` over the same shards, batch 16, 0 and 4 DataLoader workers: img/s (does it
               keep up with the train rows?).
     learn     ``atto`` from random init for ~100 s on the built-in sample photos, the protocol of
-              ``tests/test_learning.py`` (held-out blocks of each photo) at 128 px: held-out ab L1 and PSNR vs the
-              gray baseline.
+              ``tests/training/test_learning.py`` (held-out blocks of each photo) at 128 px: held-out ab L1 and PSNR
+              vs the gray baseline.
     colorize  ``ddcolor colorize`` (the CLI, a subprocess) over 64 sample JPEGs at input size 512, bf16, batch 8:
               end-to-end img/s including decode and encode.
     pytest    ``pytest -m cuda`` (tests that also run on CUDA: colorize, train steps, compiled steps, DDP with one
-              process, export); they skip without CUDA. ``--smoke`` runs ``tests/test_cuda.py`` only.
+              process, export); they skip without CUDA. ``--smoke`` runs ``tests/infra/test_cuda.py`` only.
 
 Random-init weights everywhere (speed does not depend on them). Not a test: nothing here asserts; the smoke run is
-checked by ``tests/test_gpu_check.py``.
+checked by ``tests/infra/test_gpu_check.py``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ SMOKE = {
     "loader_workers": [0], "loader_images": 8,
     "learn_config": _SMALL_OVERRIDES, "learn_size": 64, "learn_batch": 4, "learn_seconds": 0,
     "colorize_images": 4, "colorize_size": 64, "colorize_model": ["test_convnext", _SMALL], "colorize_batch": 2,
-    "pytest_args": ["-m", "cuda", "tests/test_cuda.py"],
+    "pytest_args": ["-m", "cuda", "tests/infra/test_cuda.py"],
 }  # fmt: skip
 
 
@@ -344,15 +344,15 @@ def part_learn(part: Part) -> None:
     import torch
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_learning as tl  # the held-out-block protocol of the CPU learning test
-
+    sys.path.insert(0, str(ROOT))
     from ddcolor.color import gray_rgb_from_l, lab_to_rgb, rgb_to_lab
     from ddcolor.colorize import Colorizer
     from ddcolor.config import load_config
-    from ddcolor.data.ingest import ingest, prepare_image
+    from ddcolor.data.ingest import ingest
+    from ddcolor.data.prepare import prepare_image
     from ddcolor.model.checkpoint import load_model
     from ddcolor.train import train
+    from tests.training import test_learning as tl  # the held-out-block protocol of the CPU learning test
 
     s = part.settings
     size, work = s["learn_size"], part.out / "work" / "learn"

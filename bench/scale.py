@@ -136,11 +136,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_random_images
-
     from ddcolor.colorize import random_init_model
     from ddcolor.model.checkpoint import save_checkpoint
+    from tests.helpers.images import make_random_images  # the checkout root is on sys.path (above)
 
     results: dict[str, Any] = {"machine": machine(), "cores": len(os.sched_getaffinity(0)), "runs": []}
     with tempfile.TemporaryDirectory(prefix="ddcolor-bench-scale-") as tmp_name:

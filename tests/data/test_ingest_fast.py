@@ -1,0 +1,85 @@
+"""The fast ingestion path gives today's stored values: 8-bit decode, the Lab table, one-pass colorfulness, draft.
+
+`ddcolor.data.ingest` decodes with `read_rgb8_image` (no float32 copy), encodes Lab with `LabEncoder` (a 2^24-entry
+table of `encode_lab`) and computes colorfulness with `colorfulness_u8`. Each must give the same values as the
+path it replaced: `read_image` + `to_uint`, `encode_lab`, `colorfulness_np`.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddcolor.color import colorfulness_np
+from ddcolor.data import lab_lut
+from ddcolor.data.prepare import colorfulness_u8, prepare_image
+from ddcolor.data.shards import encode_lab
+from ddcolor.imageio import ImageReadError, read_image, read_rgb8, to_uint
+from tests.helpers.images import make_image_corpus
+
+
+def test_read_rgb8_equals_read_image_rounded_and_fails_alike(tmp_path):
+    corpus = make_image_corpus(tmp_path / "corpus", n_random=2)
+    assert len(corpus.good) >= 5
+    for path in corpus.good:  # RGB, gray, palette, alpha, 16-bit, CMYK, EXIF-rotated, ICC-tagged, ...
+        expected = to_uint(read_image(path).rgb, 8)
+        got = read_rgb8(path.read_bytes(), path)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected), path.name
+    limit = corpus.max_pixels
+    for path in corpus.bad:  # empty, truncated, not an image, bomb, ... (too small is ingestion's own check)
+        try:
+            read_image(path, limit)
+            old = None
+        except ImageReadError as err:
+            old = err.reason
+        try:
+            read_rgb8(path.read_bytes(), path, limit)
+            new = None
+        except ImageReadError as err:
+            new = err.reason
+        assert new == old, path.name
+
+
+def test_colorfulness_u8_equals_colorfulness_np():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in [(1, 1), (7, 5), (256, 256)]]
+    images += [np.zeros((64, 64, 3), np.uint8), np.full((1024, 1024, 3), (255, 0, 255), np.uint8)]  # sums > 2^31
+    for image in images:
+        assert colorfulness_u8(image) == pytest.approx(colorfulness_np(image), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_lab_table_gives_encode_lab_bytes_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDCOLOR_CACHE_DIR", str(tmp_path / "cache"))
+    encoder = lab_lut.LabEncoder(build_after=1)
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    assert encoder(first) == encode_lab(first) and encoder.table is None  # direct until build_after images
+    image = rng.integers(0, 256, size=(96, 80, 3), dtype=np.uint8)
+    assert encoder(image) == encode_lab(image) and encoder.table is not None  # now by table
+    every = np.arange(1 << 24, dtype=np.uint32)[::4099]  # a spread of colors over the whole cube
+    colors = np.stack([every >> 16, (every >> 8) & 255, every & 255], axis=-1).astype(np.uint8)[None]
+    assert encoder(colors) == encode_lab(colors)
+    assert lab_lut.cache_path().is_file()
+    cached = lab_lut.load_or_build(build=False)  # memory-mapped from the cache
+    assert isinstance(cached, np.memmap) and np.array_equal(cached, encoder.table)
+    cached_copy = np.array(cached)
+    cached_copy[0] = [1, 2, 3, 0]  # a table from other code: rejected by the probe and rebuilt
+    np.save(lab_lut.cache_path(), cached_copy)
+    assert lab_lut.load_or_build(build=False) is None
+
+
+def test_jpeg_draft_decodes_smaller_and_close(tmp_path):
+    photo = Image.fromarray(np.asarray(Image.effect_mandelbrot((1024, 768), (-2, -1.2, 1, 1.2), 60).convert("RGB")))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=92)
+    data = buf.getvalue()
+    full = read_rgb8(data, "x.jpg")
+    drafted = read_rgb8(data, "x.jpg", draft_side=128)
+    assert full.shape == (768, 1024, 3) and drafted.shape[0] >= 128 and drafted.shape[0] < 768 // 2
+    assert read_rgb8(data, "x.jpg", draft_side=512).shape == full.shape  # not 2x larger than asked: full decode
+    a, b = prepare_image(full, 64, "resize").astype(int), prepare_image(drafted, 64, "resize").astype(int)
+    assert np.abs(a - b).mean() < 2.0
