@@ -22,7 +22,7 @@ with other jobs the wall times swing by several x (the 2-thread torch steps stal
 core), the outside-the-steps time hardly at all: it is the number to judge the orchestration by.
 
 Not measured here: a deployment run through a worker adds the worker's polling interval and a fresh flow-run
-process (imports: seconds; see tests/test_e2e_deployment.py). Target: flow <= 1.10 x direct. Not a test.
+process (imports: seconds; see tests/flows/test_e2e_deployment.py). Target: flow <= 1.10 x direct. Not a test.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ fp32 uses exact algebra only (the result differs from the eager module by float 
 - activations in channels-last layout (1x1 convs are then plain GEMMs over (tokens, channels)).
 
 Unused work: the encoder's ImageNet head and final norm are not computed (timm's `features_only` model
-ends at the last stage; `tests/test_inference.py` checks it).
+ends at the last stage; `tests/model/test_inference.py` checks it).
 
 bf16 / fp16: the module's heavy weights are cast to that dtype (no autocast): encoder, pixel decoder,
 color-decoder input projections and key/value projections, and the last shuffle conv. LayerNorm statistics

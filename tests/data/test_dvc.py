@@ -341,7 +341,8 @@ def test_promote_and_gate_take_the_run_from_a_checkpoint(tmp_path):
 
 # --- train -> evaluate -> promote -> colorize, end to end -------------------------------------------------
 
-#: The shared tiny recipe (conftest), with DVC's extras: small shards, 64 px colorize stage, no checkpoints.
+#: The shared tiny recipe (tests.helpers.recipes), with DVC's extras: small shards, 64 px colorize stage, no
+#: checkpoints.
 TINY_PARAMS = tiny_recipe(
     data={"shard_rows": 4, "val_fraction": 0.3},
     model={"input_size": 64},

@@ -1,6 +1,6 @@
 """End to end: the `train-ddcolor` deployment from ``prefect.yaml`` on real local services (loopback only).
 
-Processes: a moto S3 server (conftest ``s3_server``/``s3_env``), an ``mlflow server`` on SQLite (conftest
+Processes: a moto S3 server (conftest ``s3_server``/``s3_env``), an ``mlflow server`` on SQLite (helpers
 `MlflowServer`, a private instance so the registry starts empty), ``prefect server start`` on SQLite (its own
 PREFECT_HOME) and ``prefect worker start --pool ddcolor-process``. The test deploys the repository's ``prefect.yaml``
 (deployment ``local``) with the ``prefect`` CLI, triggers it with ``prefect deployment run train-ddcolor/local`` and
@@ -42,7 +42,8 @@ IMAGES = 8
 
 pytestmark = pytest.mark.slow
 
-#: The shared tiny recipe (conftest) as deployment parameters (sections merged onto params.yaml by the flow).
+#: The shared tiny recipe (tests.helpers.recipes) as deployment parameters (sections merged onto params.yaml by the
+#: flow).
 TINY = tiny_recipe(data={"shard_rows": 4})
 
 

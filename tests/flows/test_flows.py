@@ -2,8 +2,8 @@
 (promoted, skipped, not promoted, failed validation), artifacts, the MLflow <-> Prefect cross-tags, and the ingest
 fan-out over a task runner (`ingest_task_runner`).
 
-Same tiny recipe as tests/test_pipeline.py (whole runs of ~30 s on 2 CPU cores). MLflow: a SQLite store in a tmp
-folder through MLFLOW_TRACKING_URI (the flow reads endpoints from the environment only).
+Same tiny recipe as tests/integration/test_pipeline.py (whole runs of ~30 s on 2 CPU cores). MLflow: a SQLite store
+in a tmp folder through MLFLOW_TRACKING_URI (the flow reads endpoints from the environment only).
 """
 
 from __future__ import annotations

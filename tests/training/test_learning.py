@@ -191,7 +191,7 @@ def test_atto_learns_ab_on_held_out_crops(tmp_path):
     total_seconds = time.perf_counter() - started
 
     lines = [
-        f"Learning sanity check (`tests/test_learning.py`), atto from random init, CPU "
+        f"Learning sanity check (`tests/training/test_learning.py`), atto from random init, CPU "
         f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()}), torch {torch.__version__}",
         "",
         f"- data: {len(photos)} scikit-image photos, each cut into {GRID}x{GRID} blocks with {HELD_OUT_BLOCKS} blocks "
