@@ -85,8 +85,9 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "DDCOLOR_WEIGHTS_DIR"
 _CHUNK = 1 << 20
 HUB_HOST = "https://huggingface.co"
-# Hub revision of every Hub file. TODO: pin commit SHAs: they could not be looked up from the machine this was
-# written on (no internet); "main" follows the repository, and the sha256 check uses the Hub's current metadata.
+# Hub revision of every Hub file. TODO: pin commit SHAs, one per Hub repository (each timm model is a repository of
+# its own, the DDColor releases share one): they could not be looked up from the machine this was written on (it
+# cannot reach the Hub). "main" follows the repository, and the sha256 check uses the Hub's current LFS metadata.
 HUB_REVISION = "main"
 _HUB_URL = re.compile(r"^(https?://[^/]+)/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -26,7 +26,7 @@ from ddcolor import storage
 from ddcolor.cli import app
 from ddcolor.config import Config
 from ddcolor.data.samples import MAX_SIDE, MIN_SIDE, available_photos, sample_images, write_samples
-from ddcolor.data.version import DatasetVersion, dataset_version, dvc_out_md5
+from ddcolor.data.version import dataset_version
 from tests.helpers.recipes import tiny_recipe
 from tests.helpers.servers import make_bucket
 
@@ -75,58 +75,6 @@ def test_write_samples_and_cli(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["0000_astronaut.jpg", "0001_coffee.jpg", "0002_chelsea.jpg", "0003_rocket.jpg", "mine.jpg"]
     assert (out / "0000_astronaut.jpg").read_bytes() == sample_images(1)[0].data
-
-
-# --- dataset_version -------------------------------------------------------------------------------------
-
-
-def _fake_dataset(path: Path, rows: int = 3) -> bytes:
-    path.mkdir(parents=True, exist_ok=True)
-    data = json.dumps({"format": "ddcolor-shards", "format_version": 1, "counts": {"rows": rows}}).encode()
-    (path / "manifest.json").write_bytes(data)
-    return data
-
-
-def _write_lock(repo: Path, md5: str) -> None:
-    lock = {"schema": "2.0", "stages": {"ingest": {"cmd": "x", "outs": [{"path": "data/shards", "md5": md5}]}}}
-    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
-
-
-def test_dataset_version_outside_dvc(tmp_path):
-    data = _fake_dataset(tmp_path / "ds", rows=7)
-    v = dataset_version(tmp_path / "ds", repo=tmp_path)
-    assert v == DatasetVersion(str(tmp_path / "ds"), hashlib.sha256(data).hexdigest(), None, 7)
-    assert v.as_tags()["dataset.dvc_md5"] == "" and v.as_tags()["dataset.rows"] == "7"
-    with pytest.raises(storage.StorageNotFoundError):
-        dataset_version(tmp_path / "missing", repo=tmp_path)
-
-
-def test_dataset_version_reads_dvc_lock_and_checks_the_cache(tmp_path, monkeypatch):
-    data = _fake_dataset(tmp_path / "data" / "shards")
-    _write_lock(tmp_path, "0123456789abcdef0123456789abcdef.dir")
-    monkeypatch.chdir(tmp_path)
-    assert dataset_version("data/shards").dvc_md5 == "0123456789abcdef0123456789abcdef.dir"  # listing not cached
-    assert dvc_out_md5("data/raw") is None
-    listing = tmp_path / ".dvc" / "cache" / "files" / "md5" / "01" / "23456789abcdef0123456789abcdef.dir"
-    listing.parent.mkdir(parents=True)
-    entry = {"relpath": "manifest.json", "md5": hashlib.md5(data).hexdigest()}
-    listing.write_text(json.dumps([entry]))
-    assert dataset_version("data/shards").dvc_md5 == "0123456789abcdef0123456789abcdef.dir"
-    listing.write_text(json.dumps([{**entry, "md5": "0" * 32}]))  # the workspace changed since dvc.lock
-    assert dataset_version("data/shards").dvc_md5 is None
-
-
-def test_dataset_version_of_an_s3_dataset(s3_env, tmp_path):
-    from ddcolor.data.ingest import ingest
-
-    write_samples(tmp_path / "raw", 3)
-    uri = f"s3://{s3_env}/datasets/v1"
-    cfg = Config().data.model_copy(update={"size": 64})
-    report = ingest(tmp_path / "raw", uri, cfg, num_workers=0)
-    assert report.ingested == 3
-    v = dataset_version(uri, repo=ROOT)
-    manifest = storage.read_bytes(f"{uri}/manifest.json")
-    assert v == DatasetVersion(uri, hashlib.sha256(manifest).hexdigest(), None, 3)
 
 
 # --- the pipeline definition -----------------------------------------------------------------------------

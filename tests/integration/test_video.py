@@ -360,7 +360,7 @@ def test_resume_after_a_crash_reuses_segments_and_matches(tmp_path):
         VideoColorizer(predictor=crashing, size=32, segment_frames=4, crf=0).colorize_video(src, dst)
     work = tmp_path / f".{dst.name}.ddcolor-parts"
     assert sorted(p.name for p in work.glob("seg-*.json")) == ["seg-00000.json", "seg-00001.json"]
-    assert not dst.exists() and not list(tmp_path.glob(".out.partial*"))
+    assert not dst.exists() and not list(tmp_path.glob(".out.mp4.*.tmp"))  # no temp file of the final mux
     result = VideoColorizer(predictor=good, size=32, segment_frames=4, crf=0).colorize_video(src, dst)
     assert (result.reused_segments, result.colorized, result.frames) == (2, 5, 13)
     assert all(ta == tb and np.array_equal(a, b) for (ta, a), (tb, b) in zip(decoded(clean), decoded(dst), strict=True))
