@@ -92,7 +92,8 @@ def test_orphan_shards_are_the_unlisted_parquet_files(tmp_path):
 def test_every_reader_uses_the_one_owner():
     from ddcolor.data import ingest, loader, validate, version
 
-    assert ingest.MANIFEST_NAME is loader.MANIFEST_NAME is validate.MANIFEST_NAME is version.MANIFEST_NAME
+    assert ingest.MANIFEST_NAME is loader.MANIFEST_NAME is validate.MANIFEST_NAME is mf.MANIFEST_NAME
+    assert version.manifest_uri is mf.manifest_uri  # version.py reads the manifest through its owner's path
     assert (ingest.FORMAT, ingest.FORMAT_VERSION) == (validate.MANIFEST_FORMAT, validate.MANIFEST_FORMAT_VERSION)
 
 
