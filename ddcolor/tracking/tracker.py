@@ -776,9 +776,9 @@ def default_run_name(config: Config, *, dataset_uri: str | None = None, tags: Ma
         return str(flow_run)
     name = f"{config.model.preset}-{config.data.size}px-{config.train.max_steps}steps"
     try:
-        from ddcolor.data.version import dataset_version
+        from ddcolor.data.manifest import manifest_sha256  # not dataset_version: a name needs no DVC status
 
-        sha = dataset_version(dataset_uri or config.data.shards_uri).manifest_sha256
+        sha = manifest_sha256(dataset_uri or config.data.shards_uri)
     except Exception as err:  # a name is not worth failing a run over; the log says why it is shorter
         log.debug("run name without dataset hash (%s)", err)
         return name
