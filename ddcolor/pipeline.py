@@ -1,6 +1,8 @@
 """The whole retraining pipeline as plain functions: ingest -> validate -> (skip?) -> train -> evaluate -> gate ->
 promote -> colorize. No Prefect here: the `train-ddcolor` flow (``flows/train_ddcolor.py``) runs each step as a
 task; `run_pipeline` runs them in order in this process (``ddcolor pipeline --no-prefect``, benchmarks, tests).
+The CLI's single steps call the same functions: ``ddcolor train`` (`train_step`), ``finetune`` (`finetune_step`),
+``evaluate`` (`evaluate_network`), ``promote`` (`promotion_record`, `rollback_record`).
 
 Usage::
 
@@ -66,7 +68,9 @@ __all__ = [
     "colorize_grid_step",
     "colorize_step",
     "evaluate_metrics_step",
+    "evaluate_network",
     "evaluate_step",
+    "finetune_step",
     "fingerprint",
     "fingerprint_step",
     "ingest_step",
@@ -75,6 +79,7 @@ __all__ = [
     "promote_step",
     "promotion_record",
     "read_train_result",
+    "rollback_record",
     "run_name",
     "run_pipeline",
     "section_overrides",
@@ -268,25 +273,37 @@ def train_step(
     progress: bool = True,
     init: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    track: bool = True,
+    resume: bool = False,
+    resume_strict: bool = False,
 ) -> TrainResult:
-    """Train in this process into a new MLflow run (every param logged, `tags` set) and log the model to it.
+    """Train in this process (one rank of it under ``torchrun``) into a new MLflow run: every param logged, `tags`
+    set, the model logged to it. The tracker lives on rank 0 only; ``track=False`` trains without one.
 
     ``on_progress(step, max_steps)`` is called at every ``train.log_every`` step and at the last (the flow updates
-    a Prefect progress artifact with it).
+    a Prefect progress artifact with it). ``resume`` continues from the newest intact checkpoint under `out_dir`;
+    ``resume_strict`` also, but fails when the newest checkpoint is damaged.
 
     Raises:
         ddcolor.tracking.TrackingError: MLflow unreachable at start (transient).
+        ddcolor.train.TrainingStopped: SIGTERM / SIGINT stopped it after a checkpoint (the run ends KILLED).
         ddcolor.train.TrainingDivergedError, ValueError: training cannot go on (not transient).
     """
     from ddcolor.tracking import start_tracker
     from ddcolor.train import TrainingStopped, train
 
     uri = _tracking_uri(tracking_uri)
-    tracker = start_tracker(config, run_name=run_name, tracking_uri=uri, tags=tags, dataset_uri=dataset_uri)
+    enabled = track and os.environ.get("RANK", "0") == "0"  # one MLflow run per training, not one per rank
+    tracker = start_tracker(
+        config, enabled=enabled, run_name=run_name, tracking_uri=uri, tags=tags, dataset_uri=dataset_uri
+    )
     watched = _ProgressTracker(tracker, on_progress, config) if on_progress else tracker
     status = "FAILED"
     try:
-        result = train(config, dataset_uri, out_dir=out_dir, init=init, tracker=watched, progress=progress)
+        result = train(
+            config, dataset_uri, out_dir=out_dir, init=init, resume=resume or resume_strict, tracker=watched,
+            progress=progress, resume_strict=resume_strict,
+        )  # fmt: skip
         status = "FINISHED"
     except (KeyboardInterrupt, TrainingStopped):  # a signal: the run was stopped (and checkpointed), not failed
         status = "KILLED"
@@ -295,6 +312,40 @@ def train_step(
         tracker.finish(status)
     log.info("train: %d steps, run %s, model %s", result.steps, result.run_id, result.model_uri)
     return result
+
+
+def finetune_step(
+    config: Config,
+    source: str,
+    *,
+    out_dir: str,
+    init: str,
+    resume: bool = False,
+    track: bool = True,
+    run_name: str | None = None,
+    progress: bool = True,
+    on_summary: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Fine-tune `init` on the images at `source`: ingest them into ``out_dir/data`` (incremental), validate that
+    dataset against ``config.data`` (reports next to it), train into `out_dir` (`train_step`).
+
+    ``on_summary(text)`` gets the ingest and validation summaries as each finishes (default: this module's
+    logger); ``ddcolor finetune`` prints them.
+
+    Raises:
+        ValidationFailed: the dataset failed validation (nothing was trained; the message names the report).
+        Whatever `ddcolor.data.ingest.ingest` and `train_step` raise.
+    """
+    from ddcolor.data.ingest import ingest
+    from ddcolor.storage import join
+
+    emit = on_summary or (lambda text: log.info("%s", text))
+    dataset = join(out_dir, "data")
+    emit(ingest(source, dataset, config, progress=progress).summary())
+    emit(validate_step(config, dataset).summary())
+    return train_step(
+        config, dataset, out_dir=out_dir, init=init, resume=resume, track=track, run_name=run_name, progress=progress
+    )
 
 
 class _ProgressTracker:
@@ -463,6 +514,42 @@ def train_model_step(
     )  # fmt: skip
 
 
+def evaluate_network(
+    config: Config,
+    network: Any,
+    dataset_uri: str,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    track: bool = True,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    random_metrics: bool = False,
+    precision: str = "auto",
+    progress: bool = True,
+    metric_networks: dict[str, Any] | None = None,
+) -> EvalResult:
+    """`ddcolor.evaluate.evaluate` of `network` on the val split of `dataset_uri`, logged to MLflow: into the
+    existing run `run_id` (so its ``val/*`` metrics sit on the run that trained the model), else into a new run
+    `run_name`; ``track=False`` logs nothing. The run ends FINISHED, FAILED when evaluation raised, KILLED on Ctrl+C.
+
+    ``random_metrics``: random-init Inception/AlexNet for FID/LPIPS, so their values are meaningless (the caller
+    says so loudly). ``metric_networks``: networks already built (`ddcolor.comparison.metric_networks`), reused.
+
+    Raises:
+        ddcolor.tracking.TrackingError: MLflow cannot be used.
+        ddcolor.weights.WeightsError: the metric networks' weights are not in the cache.
+    """
+    from ddcolor.evaluate import evaluate
+    from ddcolor.tracking import start_tracker
+
+    with start_tracker(config, enabled=track, run_name=run_name, run_id=run_id, tracking_uri=tracking_uri) as tracker:
+        return evaluate(
+            network, dataset_uri, config, pretrained=None if random_metrics else "cache", tracker=tracker,
+            out_dir=out_dir, progress=progress, precision=precision, metric_networks=metric_networks,
+        )  # fmt: skip
+
+
 def evaluate_step(
     config: Config,
     dataset_uri: str,
@@ -485,30 +572,21 @@ def evaluate_step(
     logged: the gate then fails its champion checks with the reason.
     """
     from ddcolor.comparison import champion_on_same_data, metric_networks
-    from ddcolor.evaluate import evaluate
     from ddcolor.model.checkpoint import load_model
-    from ddcolor.tracking import start_tracker
 
-    pretrained: str | None = "cache"
-    if config.eval.metric_weights == "random":
+    random_metrics = config.eval.metric_weights == "random"
+    if random_metrics:
         log.warning(
             "eval.metric_weights=random: FID and LPIPS use RANDOM Inception/AlexNet networks; their values are "
             "MEANINGLESS (smoke tests and offline demos only). Fetch the metric weights (`ddcolor weights fetch "
             "pt_inception`, `... alexnet`) and set eval.metric_weights=cache for real numbers."
         )
-        pretrained = None
     network = load_model(checkpoint_path)
     networks = metric_networks(config)  # one set for the challenger and the champion
-    tracker = start_tracker(config, run_id=run_id, tracking_uri=tracking_uri)
-    status = "FAILED"
-    try:
-        result = evaluate(
-            network, dataset_uri, config, pretrained=pretrained, tracker=tracker, out_dir=out_dir, progress=progress,
-            metric_networks=networks,
-        )  # fmt: skip
-        status = "FINISHED"
-    finally:
-        tracker.finish(status)
+    result = evaluate_network(
+        config, network, dataset_uri, run_id=run_id, tracking_uri=tracking_uri, out_dir=out_dir,
+        random_metrics=random_metrics, progress=progress, metric_networks=networks,
+    )  # fmt: skip
     log.info("evaluate: %d images: %s", result.n_images, ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
     identity = (result.protocol["dataset_manifest_sha256"], result.protocol["eval_config_sha256"])
     try:
@@ -609,6 +687,22 @@ def promotion_record(
         "checks": decision.to_dict()["checks"],
     }
     return record, line
+
+
+def rollback_record(config: Config, rollback: Any) -> tuple[dict[str, Any], str]:
+    """The JSON record of a rollback (``ddcolor promote --rollback --out``), in the format of `promotion_record`,
+    and its line for people. ``rollback`` is `ddcolor.registry.rollback`'s result (version, champion,
+    previous_champion)."""
+    name, alias = config.registry.model_name, config.registry.champion_alias
+    record = {
+        "decision": "rolled_back",
+        "promoted": True,
+        "model_name": name,
+        "version": rollback.version,
+        "champion": rollback.champion,
+        "previous_champion": rollback.previous_champion,
+    }
+    return record, f"rolled back {name}@{alias}: version {rollback.previous_champion} -> {rollback.champion}"
 
 
 def colorize_step(

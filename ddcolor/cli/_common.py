@@ -79,8 +79,8 @@ def load_params(config: str | None, overrides: Sequence[str] = ()) -> Config:
 def fail(err: BaseException | str, code: int = 1) -> typer.Exit:
     """Print ``Error: <err>`` on stderr and return the `typer.Exit` to raise (``raise fail(err) from None``).
 
-    The quotes a ``KeyError`` or a path-only ``FileNotFoundError`` puts around its message are dropped. Failures
-    that are `DDColorError`\\ s need no call here: the CLI's group prints them the same way, once.
+    The quotes a ``KeyError`` or a path-only ``FileNotFoundError`` puts around its message are dropped. A
+    `DDColorError` needs no call here: the CLI's group prints it the same way, once.
     """
     typer.echo(f"Error: {str(err).strip(chr(39) + chr(34))}", err=True)
     return typer.Exit(code)

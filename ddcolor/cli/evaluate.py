@@ -74,9 +74,9 @@ def evaluate_command(
     """Evaluate a model on a dataset's val split: FID, colorfulness, ΔCF, PSNR, LPIPS -> metrics.json + report.md."""
     from ddcolor import weights
     from ddcolor.devices import resolve_device
-    from ddcolor.evaluate import evaluate
     from ddcolor.model.checkpoint import checkpoint_run_id, load_model
-    from ddcolor.tracking import TrackingError, start_tracker
+    from ddcolor.pipeline import evaluate_network
+    from ddcolor.tracking import TrackingError
 
     cfg = load_params(config, overrides or [])
     try:
@@ -95,28 +95,24 @@ def evaluate_command(
             err=True,
         )
     try:
-        tracker = start_tracker(cfg, enabled=track, run_name=run_name, run_id=run_id)
-    except TrackingError as err:
-        raise fail(f"{err} (or pass --no-track)") from None
-    status = "FAILED"
-    try:
-        result = evaluate(
+        result = evaluate_network(
+            cfg,
             network.to(resolve_device(device or "auto")),
             data or cfg.data.shards_uri,
-            cfg,
-            pretrained=None if random_init_metrics else "cache",
-            tracker=tracker,
             out_dir=out,
-            progress=progress,
+            track=track,
+            run_name=run_name,
+            run_id=run_id,
+            random_metrics=random_init_metrics,
             precision=precision,
+            progress=progress,
         )
-        status = "FINISHED"
+    except TrackingError as err:
+        raise fail(f"{err} (or pass --no-track)") from None
     except weights.WeightsError as err:  # the metric networks' weights
         raise fail(f"{str(err).strip(chr(39) + chr(34))} (or --random-init-metrics for a smoke test)") from None
     except (ValueError, FileNotFoundError) as err:
         raise fail(err) from None
-    finally:
-        tracker.finish(status)
     say(f"{result.n_images} images: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()), json_out)
     say(f"report: {out}/report.md", json_out)
     if json_out:

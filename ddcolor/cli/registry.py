@@ -118,22 +118,20 @@ def promote_command(
 ) -> None:
     """Register a run's model (alias challenger), gate its val/* metrics, move the champion alias if it passed."""
     mlflow_exception = _mlflow_exception()
-    from ddcolor.pipeline import promotion_record
+    from ddcolor.pipeline import promotion_record, rollback_record
     from ddcolor.registry import gate_run, promote, register, rollback
 
     if do_rollback and (run_id is not None or model is not None):
         raise fail("give exactly one of --run-id ID, --model PATH or --rollback", 2)
     cfg = load_params(config)
     require_tracking_server()
-    name, alias = cfg.registry.model_name, cfg.registry.champion_alias
     if do_rollback:
         try:
             result = rollback(cfg)
         except mlflow_exception as err:
             raise fail(err) from None
-        say(f"rolled back {name}@{alias}: version {result.previous_champion} -> {result.champion}", json_out)
-        record = {"decision": "rolled_back", "promoted": True, "model_name": name, "version": result.version}
-        record.update(champion=result.champion, previous_champion=result.previous_champion)
+        record, line = rollback_record(cfg, result)
+        say(line, json_out)
         if out:
             _write_promotion(out, record, json_out)
         if json_out:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -18,7 +20,6 @@ from ddcolor.cli._common import (
 )
 
 if TYPE_CHECKING:
-    from ddcolor.config import Config
     from ddcolor.train import TrainResult
 
 #: `ddcolor finetune`: the packaged ``finetune`` recipe (ddcolor/configs/finetune.yaml), applied before the user's
@@ -33,46 +34,36 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _run_training(
-    cfg: Config, data: str, out: str, init: str | None, resume: bool, track: bool, run_name: str | None, **kw
-) -> TrainResult:
-    """Start the tracker (rank 0), train, finish the tracker; print where the model is.
+@contextmanager
+def _training_exits() -> Iterator[None]:
+    """The exit of a training that fails: 1 with the message (a tracking server also suggests --no-track), or
+    143 / 130 when SIGTERM / SIGINT stopped it after the current step and a checkpoint ("stopped at step N; ...").
+    Other library errors (divergence, damaged checkpoints, storage) reach the CLI's group."""
+    from ddcolor.tracking import TrackingError
+    from ddcolor.train import TrainingStopped
 
-    Exit 1 with the message on a training failure; SIGTERM / SIGINT stop after the current step and a checkpoint:
-    exit 143 / 130 with "stopped at step N; ...".
-    """
-    from ddcolor.tracking import TrackingError, start_tracker
-    from ddcolor.train import TrainingStopped, train
-
-    main_rank = _is_main_rank()
     try:
-        tracker = start_tracker(cfg, enabled=track and main_rank, run_name=run_name)
+        yield
     except TrackingError as err:
         raise fail(f"{err} (or pass --no-track)") from None
-    status = "FAILED"
-    try:
-        result = train(cfg, data, out_dir=out, init=init, resume=resume, tracker=tracker, **kw)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
     except TrainingStopped as stop:
-        status = "KILLED"
-        if main_rank:
+        if _is_main_rank():
             typer.echo(str(stop), err=True)
         raise typer.Exit(stop.exit_code) from None
-    except (ValueError, FileNotFoundError) as err:  # bad settings or files; `DDColorError`s reach the CLI's group
+    except (ValueError, FileNotFoundError) as err:  # bad settings or files
         raise fail(err) from None
-    finally:
-        tracker.finish(status)
-    if main_rank:
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
-        typer.echo(f"trained {result.steps} steps; losses: {losses}")
-        typer.echo(f"model: {result.checkpoint_path}")
-        typer.echo(f"checkpoint: {result.checkpoint_dir} (continue with --resume)")
-        if result.run_id:
-            typer.echo(f"MLflow run: {result.run_id}" + (f"; model: {result.model_uri}" if result.model_uri else ""))
-    return result
+
+
+def _print_result(result: TrainResult) -> None:
+    """Where the model is (rank 0): losses, model file, checkpoint folder, MLflow run."""
+    if not _is_main_rank():
+        return
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
+    typer.echo(f"trained {result.steps} steps; losses: {losses}")
+    typer.echo(f"model: {result.checkpoint_path}")
+    typer.echo(f"checkpoint: {result.checkpoint_dir} (continue with --resume)")
+    if result.run_id:
+        typer.echo(f"MLflow run: {result.run_id}" + (f"; model: {result.model_uri}" if result.model_uri else ""))
 
 
 def train_command(
@@ -126,18 +117,15 @@ def train_command(
     could not be written, data, weights, tracking server), 2 on a bad configuration, 143 / 130 when SIGTERM / SIGINT
     stopped it (after finishing the current step and writing a checkpoint; a second signal exits at once).
     """
+    from ddcolor.pipeline import train_step
+
     cfg = load_params(config, overrides or [])
-    result = _run_training(
-        cfg,
-        data or cfg.data.shards_uri,
-        out,
-        init,
-        resume or resume_strict,
-        track,
-        run_name,
-        progress=progress,
-        resume_strict=resume_strict,
-    )
+    with _training_exits():
+        result = train_step(
+            cfg, data or cfg.data.shards_uri, out_dir=out, init=init, resume=resume, resume_strict=resume_strict,
+            track=track, run_name=run_name, progress=progress,
+        )  # fmt: skip
+    _print_result(result)
     if result_json and _is_main_rank():  # every rank returns the result; rank 0 writes it
         from dataclasses import asdict
 
@@ -175,22 +163,20 @@ def finetune_command(
 
     import torch
 
-    from ddcolor.data.ingest import ingest
-    from ddcolor.data.validate import Tolerances, validate_dataset, write_reports
+    from ddcolor.pipeline import ValidationFailed, finetune_step
     from ddcolor.recipes import recipe_overrides
-    from ddcolor.storage import join
 
     recipe = [f"{key}={json.dumps(value)}" for key, value in recipe_overrides("finetune").items()]
     hardware = FINETUNE_DEFAULTS_GPU if torch.cuda.is_available() else FINETUNE_DEFAULTS_CPU
     cfg = load_params(config, [*recipe, *hardware, *(overrides or [])])
-    dataset = join(out, "data")
-    report = ingest(source, dataset, cfg, progress=progress)
-    typer.echo(report.summary())
-    result = validate_dataset(dataset, expected=cfg.data, tolerances=Tolerances.from_config(cfg.validate))
-    typer.echo(result.summary())
-    if not result.success:
-        for written in write_reports(result):
-            typer.echo(f"report: {written}")
-        raise fail("the dataset failed validation (see the report above); fix the images and rerun")
-    trained = _run_training(cfg, dataset, out, init, resume, track, run_name, progress=progress)
+    try:
+        with _training_exits():
+            trained = finetune_step(
+                cfg, source, out_dir=out, init=init, resume=resume, track=track, run_name=run_name,
+                progress=progress, on_summary=typer.echo,
+            )  # fmt: skip
+    except ValidationFailed as err:  # every check, then the error line naming the report
+        typer.echo(err.result.summary())
+        raise fail(err) from None
+    _print_result(trained)
     typer.echo(f"colorize with: ddcolor colorize --model {trained.checkpoint_path} IMAGES -o OUTPUT_FOLDER")
