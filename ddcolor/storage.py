@@ -18,11 +18,16 @@ Robustness:
   (default 1.0 s, doubled per retry, at most 30 s). The README adds up the total budget.
 * Failures raise `StorageError` (`StorageNotFoundError` for a missing file/object) naming the URI and what to check.
 * Many small objects: `read_many` fetches them concurrently (fsspec's ``cat`` on one event loop).
+* Millions of objects: `iter_files` streams a listing page by page (S3: 1,000 keys per request), in the sorted
+  order of `list_files`, never the whole listing in memory.
+* Read-modify-write under concurrency: `update_bytes` (optimistic: S3 conditional writes ``If-Match`` /
+  ``If-None-Match`` where the server supports them; local files: an exclusive ``flock`` on the folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -31,7 +36,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -42,14 +47,17 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
 __all__ = [
+    "ConcurrentUpdateError",
     "StorageError",
     "StorageNotFoundError",
+    "conditional_writes_supported",
     "delete",
     "download_file",
     "exists",
     "filesystem",
     "is_remote",
     "is_s3",
+    "iter_files",
     "join",
     "list_files",
     "open_input_file",
@@ -59,6 +67,7 @@ __all__ = [
     "s3_client",
     "size",
     "split_s3",
+    "update_bytes",
     "upload_file",
     "write_bytes",
     "write_json",
@@ -465,16 +474,82 @@ def list_files(uri: str | os.PathLike[str], suffixes: Iterable[str] | None = Non
 
         return sorted(_remote(text, "list", run))
 
+    return list(iter_files(text, suffixes))
+
+
+def iter_files(uri: str | os.PathLike[str], suffixes: Iterable[str] | None = None) -> Iterator[str]:
+    """`list_files`, streamed: the same URIs in the same (sorted) order, produced as the listing goes.
+
+    S3 is listed one page (1,000 keys, one request) at a time and local folders one directory at a time, so memory
+    stays bounded whatever the number of files. Other remote schemes are listed whole (fsspec has no paged listing
+    for all of them).
+
+    Raises:
+        StorageNotFoundError: a local folder that does not exist. StorageError: remote failures (a page request
+            is retried by botocore like any request).
+    """
+    text = str(uri)
+    ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+
+    def keep(name: str) -> bool:
+        return ends is None or name.lower().endswith(ends)
+
+    if is_s3(text):
+        yield from (key for key in _iter_s3_keys(text) if keep(key))
+        return
+    if is_remote(text):
+        yield from list_files(text, suffixes)
+        return
     root = _local(text)
     if root.is_file():
-        return [str(root)] if keep(root.name) else []
+        if keep(root.name):
+            yield str(root)
+        return
     if not root.is_dir():
         raise StorageNotFoundError(text, "list: no such folder")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=None):
-        dirnames.sort()
-        out.extend(str(Path(dirpath, name)) for name in filenames if keep(name))
-    return sorted(out)
+    yield from (path for path in _walk_sorted(root) if keep(path))
+
+
+def _walk_sorted(folder: Path) -> Iterator[str]:
+    """Files under ``folder`` in the order of ``sorted(str(path))``, one directory read at a time.
+
+    Siblings are sorted by name, a directory's name taken with its trailing separator ("a/" sorts after "a-b" and
+    before "a0"), which is where its files fall in the sorted list of full paths. Like ``os.walk``: symbolic links
+    to directories are not followed; unreadable directories are skipped.
+    """
+    try:
+        with os.scandir(folder) as scan:
+            entries = [(e.name + os.sep if e.is_dir() else e.name, e) for e in scan]
+    except OSError:
+        return
+    for _key, entry in sorted(entries, key=lambda pair: pair[0]):
+        if entry.is_dir():
+            if not entry.is_symlink():
+                yield from _walk_sorted(Path(entry.path))
+        else:
+            yield entry.path
+
+
+def _iter_s3_keys(uri: str) -> Iterator[str]:
+    """``s3://bucket/key`` of every object under the prefix ``uri`` (taken as a folder), page by page, sorted."""
+    bucket, prefix = split_s3(uri)
+    folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    client = s3_client()
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": folder}
+        if token:
+            kwargs["ContinuationToken"] = token
+        try:
+            page = client.list_objects_v2(**kwargs)
+        except Exception as err:
+            raise _translate(err, uri, "list") from None
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):  # a "folder marker" object is not a file
+                yield f"s3://{bucket}/{item['Key']}"
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
 
 
 def read_bytes(uri: str | os.PathLike[str]) -> bytes:
@@ -588,6 +663,152 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
         _remote(text, "write", lambda fs, path: fs.pipe_file(path, data))
         return
     _atomic_local(_local(text), lambda fh: fh.write(data), text)
+
+
+class ConcurrentUpdateError(StorageError):
+    """`update_bytes` lost the race too many times in a row (other writers keep changing the object)."""
+
+
+#: `update_bytes` attempts before `ConcurrentUpdateError` (each attempt re-reads and recomputes).
+UPDATE_ATTEMPTS = 20
+
+
+def update_bytes(
+    uri: str | os.PathLike[str], change: Callable[[bytes | None], bytes | None], *, attempts: int = UPDATE_ATTEMPTS
+) -> bytes | None:
+    """Read-modify-write of one file or object, safe against concurrent writers: no update is ever lost.
+
+    ``change(current)`` gets the current content (None: no such file yet) and returns the new content, or None to
+    leave it as it is. It may be called again with newer content when another writer got in first, so it must
+    be a function of its argument (it may read other files).
+
+    How the write is made conditional:
+      * local files: an exclusive ``flock`` on the parent folder is held while reading, calling ``change`` and
+        writing (atomically); writers on one host (or a file system with working ``flock``) queue up;
+      * ``s3://``: optimistic concurrency with S3 conditional writes: the new object is PUT with ``If-Match:
+        <ETag read>`` (``If-None-Match: *`` when there was none); on 412/409 it re-reads and calls ``change``
+        again. A server that ignores the conditions (checked once per bucket, `conditional_writes_supported`) gets
+        plain writes and a warning: run one writer at a time there;
+      * other schemes: plain writes and a warning, as for such a server.
+
+    Returns:
+        The content written (or left, when ``change`` returned None).
+
+    Raises:
+        ConcurrentUpdateError: still losing the race after ``attempts`` tries. StorageError: storage failures.
+    """
+    text = str(uri)
+    if not is_remote(text):
+        return _update_local(_local(text), change, text)
+    if not is_s3(text) or not conditional_writes_supported(text):
+        _warn_unconditional(text)
+        try:
+            current: bytes | None = read_bytes(text)
+        except StorageNotFoundError:
+            current = None
+        new = change(current)
+        if new is not None and new != current:
+            write_bytes(text, new)
+        return current if new is None else new
+    bucket, key = split_s3(text)
+    client = s3_client()
+    for attempt in range(attempts):
+        etag: str | None = None
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+            current, etag = response["Body"].read(), response["ETag"]
+        except Exception as err:
+            translated = _translate(err, text, "read")
+            if not isinstance(translated, StorageNotFoundError):
+                raise translated from None
+            current = None
+        new = change(current)
+        if new is None or new == current:
+            return current
+        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=new, **condition)
+            return new
+        except Exception as err:
+            coded = _client_error(err)
+            if coded is None or not (coded[0] in _CONFLICT_CODES or coded[1] in (409, 412)):
+                raise _translate(err, text, "write") from None
+        wait = min(0.05 * 2**attempt, 2.0) * (0.5 + random.random())
+        log.info("%s changed while it was being updated; retry %d/%d in %.2f s", text, attempt + 1, attempts, wait)
+        _sleep(wait)
+    raise ConcurrentUpdateError(text, f"update: other writers changed it {attempts} times in a row; try again")
+
+
+_CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+
+
+def _update_local(path: Path, change: Callable[[bytes | None], bytes | None], uri: str) -> bytes | None:
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError as err:
+        raise _local_error(err, uri, "update") from None
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released when the descriptor is closed, also if this process dies
+        try:
+            current: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            current = None
+        except OSError as err:
+            raise _local_error(err, uri, "read") from None
+        new = change(current)
+        if new is None or new == current:
+            return current
+        _atomic_local(path, lambda fh: fh.write(new), uri)
+        return new
+    finally:
+        os.close(folder)
+
+
+@functools.cache
+def _conditional_writes(endpoint: str | None, bucket: str, probe_key: str) -> bool:
+    client = s3_client()
+    client.put_object(Bucket=bucket, Key=probe_key, Body=b"ddcolor conditional-write probe\n")
+    verdicts = []
+    for condition in ({"IfMatch": '"0123456789abcdef0123456789abcdef"'}, {"IfNoneMatch": "*"}):
+        try:
+            client.put_object(Bucket=bucket, Key=probe_key, Body=b"probe\n", **condition)
+            verdicts.append(False)  # the condition was ignored: the write went through
+        except Exception as err:
+            coded = _client_error(err)
+            verdicts.append(coded is not None and (coded[0] in _CONFLICT_CODES or coded[1] in (409, 412)))
+    with contextlib.suppress(Exception):
+        client.delete_object(Bucket=bucket, Key=probe_key)
+    return all(verdicts)
+
+
+def conditional_writes_supported(uri: str) -> bool:
+    """Whether the S3 server behind ``uri`` honours ``If-Match`` and ``If-None-Match`` on PUT (AWS S3 since
+    2024-11, MinIO, moto). Probed once per process, endpoint and bucket with a small object
+    ``<prefix>/.ddcolor-conditional-write-probe`` that is deleted again."""
+    bucket, key = split_s3(uri)
+    folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    try:
+        return _conditional_writes(_endpoint(), bucket, folder + ".ddcolor-conditional-write-probe")
+    except Exception as err:
+        raise _translate(err, uri, "probe conditional writes") from None
+
+
+_WARNED_UNCONDITIONAL: set[str] = set()
+
+
+def _warn_unconditional(uri: str) -> None:
+    where = f"{_scheme(uri)}://" if not is_s3(uri) else f"the S3 server at {_endpoint() or 'AWS'}"
+    if where not in _WARNED_UNCONDITIONAL:
+        _WARNED_UNCONDITIONAL.add(where)
+        log.warning(
+            "%s does not support conditional writes: concurrent updates of %s could overwrite each other; run one "
+            "writer (e.g. one ingest per dataset) at a time there",
+            where,
+            uri,
+        )
 
 
 def upload_file(local: str | os.PathLike[str], uri: str | os.PathLike[str]) -> None:
