@@ -5,9 +5,10 @@
 
 Workloads (random-color photos written to a temporary folder; a random-init atto model for colorization):
 
-    ingest    ``ddcolor.data.ingest.ingest`` of ``--images`` 256x192 PNGs into a fresh dataset (data.size = --size):
-              hash, decode, resize, Lab-encode, shard. local = its own process pool (``num_workers``); dask / ray =
-              ``map_batches`` over the engine (``prepare_batch`` per 8-file `BatchJob`).
+    ingest    ``ddcolor.data.ingest.ingest`` of ``--images`` 256x192 PNGs into a fresh dataset (data.size = --size,
+              data.shard_rows = 8, so that there are shards for every worker): hash jobs of 8 files, then one
+              write-shard job per shard (decode, resize, Lab-encode, write the shard to DEST). local = its own
+              process pool (``num_workers``); dask / ray = ``map_batches`` over the engine.
     archive   ``ddcolor.archive.colorize_archive`` of ``--archive-images`` PNGs at network input 256 (fp32) into a
               fresh folder: local = its process pool; dask / ray = ``map_batches`` of ``colorize_batch``.
 
@@ -18,9 +19,9 @@ functions as tasks) is measured by bench/orchestration.py. Each configuration ru
 run (imports, model load per worker process). On a shared machine the img/s swing; the ratios matter.
 
 Also reported: bytes that travel through the driver per image (pickled jobs out + pickled results back, as the
-engines pickle them), and the pickled size of one ingest `BatchJob` when the dataset holds 10^3 and 10^6 rows (the
-job names the hash index instead of carrying the hashes), next to the size of the known-hash set a job used to
-carry. Not a test.
+engines pickle them), and the pickled size of one ingest hash job and one shard job when the dataset holds 10^3 and
+10^6 rows (a job names the hash index instead of carrying the hashes), next to the size of the known-hash set a job
+used to carry. Not a test.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ class Counting:
 
     def __init__(self, mapper: Callable) -> None:
         self.mapper, self.sent, self.received = mapper, 0, 0
+
+    def __enter__(self) -> Counting:  # keeps a pool mapper's processes up across the run's calls
+        from ddcolor.fanout import mapper_session
+
+        self._session = mapper_session(self.mapper)
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._session.__exit__(*exc)
 
     def __call__(self, fn: Callable, jobs: Sequence) -> Iterator:
         self.sent += sum(len(pickle.dumps(job)) for job in jobs)
@@ -78,15 +89,16 @@ def run_ingest(src: Path, dest: Path, size: int, mapper: Callable | None, worker
     from ddcolor.config import DataConfig
     from ddcolor.data.ingest import ingest
 
-    cfg = DataConfig(size=size, shard_rows=64, val_fraction=0.05)
-    counting = Counting(mapper) if mapper else None
+    cfg = DataConfig(size=size, shard_rows=8, val_fraction=0.05)
+    from ddcolor.fanout import ProcessPoolMapper
+
+    counting = Counting(mapper or ProcessPoolMapper(workers))  # local: ingest's own default pool, counted
     start = time.perf_counter()
-    report = ingest(src, dest, cfg, num_workers=workers, map_batches=counting, batch_size=8)
+    report = ingest(src, dest, cfg, map_batches=counting, batch_size=8)
     seconds = time.perf_counter() - start
     assert report.ingested == report.inputs, report.summary()
     out = {"images": report.inputs, "seconds": seconds, "img_per_s": report.inputs / seconds}
-    if counting:
-        out["driver_bytes_per_image"] = (counting.sent + counting.received) / report.inputs
+    out["driver_bytes_per_image"] = (counting.sent + counting.received) / report.inputs
     return out
 
 
@@ -109,17 +121,32 @@ def run_archive(src: Path, out: Path, model: Path, mapper: Callable | None, work
 
 
 def job_payloads(tmp: Path) -> dict[str, int]:
-    """Pickled size of one 32-file ingest BatchJob for a dataset of 10^3 and 10^6 rows, and of the hash sets."""
-    from ddcolor.data.ingest import BatchJob, PrepareParams, write_hash_index
+    """Pickled size of one 32-file hash job and one 1024-file shard job for a dataset of 10^3 and 10^6 rows, and of
+    the hash sets a job would carry without the index."""
+    from datetime import UTC, datetime
+
+    from ddcolor.data.hash_index import HashIndex, write_hash_index
+    from ddcolor.data.ingest_jobs import HashJob, ShardJob
+    from ddcolor.data.prepare import PrepareParams
 
     out: dict[str, int] = {}
-    uris = tuple(f"s3://ddcolor-data/raw/2026/batch-0042/IMG_{i:06d}.jpg" for i in range(32))
+    uris = tuple(f"s3://ddcolor-data/raw/2026/batch-0042/IMG_{i:06d}.jpg" for i in range(1024))
+    params = PrepareParams(256, "resize", 89_478_485, 0.05, 15.0)
+    shard = ShardJob(
+        "s3://ddcolor-data/shards",
+        123,
+        tuple((u, os.urandom(32).hex()) for u in uris),
+        params,
+        datetime.now(UTC),
+        "host:1234",
+    )
     for rows in (10**3, 10**6):
         hashes = [os.urandom(32).hex() for _ in range(rows)]
-        name = Path(write_hash_index(str(tmp / f"ds-{rows}"), hashes)).name
+        name = Path(write_hash_index(str(tmp / f"ds-{rows}"), HashIndex.from_hex(hashes))).name
         index = f"s3://ddcolor-data/shards/hash-index/{name}"  # the URI a job names for a dataset on S3
-        job = BatchJob(uris, PrepareParams(256, "resize", 89_478_485), index, "0" * 32, "host:1234")
-        out[f"job_bytes_{rows}_rows"] = len(pickle.dumps(job))
+        job = HashJob(uris[:32], index, "host:1234")
+        out[f"hash_job_bytes_{rows}_rows"] = len(pickle.dumps(job))
+        out[f"shard_job_bytes_{rows}_rows"] = len(pickle.dumps(shard))  # names no index: the same at any size
         out[f"old_known_set_bytes_{rows}_rows"] = len(pickle.dumps(frozenset(hashes)))
         out[f"index_file_bytes_{rows}_rows"] = 32 * rows
     return out

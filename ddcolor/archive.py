@@ -23,20 +23,17 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ddcolor import storage
 from ddcolor.errors import DDColorError
+from ddcolor.fanout import ProcessPoolMapper
 from ddcolor.imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError, read_image
 
 __all__ = [
@@ -342,7 +339,7 @@ def list_archive_inputs(source: str, exclude: str | None = None) -> Iterator[tup
     root = source if storage.is_s3(source) else str(Path(source))
     prefix = root.rstrip("/") + "/"
     skip = None if exclude is None else exclude.rstrip("/") + "/"
-    for uri in storage.list_files(root):
+    for uri in storage.iter_files(root):
         if skip is not None and (uri + "/").startswith(skip):
             continue
         rel = uri[len(prefix) :] if uri.startswith(prefix) else Path(uri).name
@@ -355,38 +352,6 @@ def list_archive_inputs(source: str, exclude: str | None = None) -> Iterator[tup
 MapBatches = Callable[
     [Callable[[ArchiveJob], list[ArchiveRecord]], Sequence[ArchiveJob]], Iterable[list[ArchiveRecord]]
 ]
-
-
-def _pool_map(workers: int) -> MapBatches:
-    """A local process pool (forkserver: no fork of a process holding threads) as ``map_batches``, in job order."""
-
-    def run(fn: Callable[[ArchiveJob], list[ArchiveRecord]], jobs: Sequence[ArchiveJob]) -> Iterator[list]:
-        if workers <= 0:
-            yield from (fn(job) for job in jobs)
-            return
-        ctx = multiprocessing.get_context("forkserver")
-        executor = ProcessPoolExecutor(min(workers, max(1, len(jobs))), mp_context=ctx)
-        pending: deque[Future[list[ArchiveRecord]]] = deque()
-        todo = iter(jobs)
-        try:
-            for job in todo:
-                pending.append(executor.submit(fn, job))
-                if len(pending) >= 4 * workers:
-                    break
-            while pending:
-                result = pending.popleft().result()
-                job = next(todo, None)
-                if job is not None:
-                    pending.append(executor.submit(fn, job))
-                yield result
-        except BrokenProcessPool as err:
-            raise ArchiveError(
-                f"a worker process died ({err}); what it had finished is kept: rerun the same command to complete"
-            ) from err
-        finally:
-            executor.shutdown(wait=True, cancel_futures=True)
-
-    return run
 
 
 def _write_manifest(uri: str, records: list[ArchiveRecord], report: ArchiveReport) -> None:
@@ -449,7 +414,8 @@ def colorize_archive(
         The `ArchiveReport`; the manifest at ``out/colorize-manifest.parquet`` lists every input.
 
     Raises:
-        ArchiveError: a worker process died (rerun to complete), or ``out`` is ``source``.
+        ArchiveError: ``out`` is ``source``. ddcolor.fanout.WorkerDiedError: a local worker process died (rerun to
+            complete: finished outputs are kept).
         StorageError: SOURCE or DEST unreachable after retries (rerun to complete).
     """
     from tqdm.auto import tqdm
@@ -474,7 +440,7 @@ def colorize_archive(
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     report = ArchiveReport(source, out, pinned, model_id, inputs=len(items), workers=workers if not map_batches else 0)
     log.info("colorize-archive %s -> %s: %d images in %d batches with %s", source, out, len(items), len(jobs), pinned)
-    mapper = map_batches or _pool_map(workers)
+    mapper = map_batches or ProcessPoolMapper(workers)
     records: list[ArchiveRecord] = []
     bar = tqdm(total=len(items), unit="img", desc="colorize-archive", disable=not progress, dynamic_ncols=True)
     results = mapper(colorize_batch, jobs)

@@ -1,8 +1,17 @@
-"""Fan-out of per-batch work over a Prefect task runner: a local process pool, Dask or Ray.
+"""Fan-out of per-batch work: a local process pool, or a Prefect task runner (threads, processes, Dask, Ray).
 
-Everything a cluster worker has to unpickle lives here, in the installed package (never in ``flows/``, which a
-cluster does not have): the task runner is built from a spec string, and `TaskRunnerMapper` turns it into the
-``map_batches(fn, jobs)`` executor that `ddcolor.data.ingest.ingest` and `ddcolor.archive.colorize_archive` take.
+The unit is a *mapper*, ``map_batches(fn, jobs) -> iterator of fn(job)``, results in job order, consumed as they
+come (bounded memory); `ddcolor.data.ingest.ingest` and `ddcolor.archive.colorize_archive` take one. Three exist:
+
+    map_in_process            every job in this process (tests, ``num_workers=0``)
+    ProcessPoolMapper(n)      n local worker processes (forkserver) -- the default of ingest and colorize-archive
+    TaskRunnerMapper(runner)  one Prefect task run per job on a task runner (inside a flow run)
+
+A mapper used as a context manager (``with mapper:``) keeps its pool / runner (a temporary Dask cluster, a local
+Ray) up across calls: ingestion maps twice per window of inputs (hash, then write shards).
+
+Everything a cluster worker has to unpickle lives in the installed package (never in ``flows/``, which a cluster
+does not have): the task runner is built from a spec string (`build_task_runner`).
 
 Specs (`TASK_RUNNERS`)::
 
@@ -25,18 +34,27 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import multiprocessing
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from typing import Any, TypeVar
+
+from ddcolor.errors import DDColorError
 
 __all__ = [
     "IN_FLIGHT",
     "TASK_RUNNERS",
+    "ProcessPoolMapper",
     "TaskRunnerMapper",
+    "WorkerDiedError",
     "build_task_runner",
     "map_in_process",
+    "mapper_session",
     "parse_task_runner",
     "pickle_flow_module_by_value",
 ]
@@ -142,48 +160,154 @@ class TaskRunnerMapper:
     """``map_batches(fn, jobs)`` on a Prefect task runner: one task run of ``fn`` per job, results in job order.
 
     Must be called inside a Prefect flow run. At most `IN_FLIGHT` jobs are submitted ahead of the one being
-    consumed (bounded memory); closing the generator early (a failure downstream) shuts the runner down. A task
-    raises what ``fn`` raised (``retries`` re-runs it first: a worker lost to SIGKILL is a retry on Dask/Ray).
+    consumed (bounded memory); closing the generator early (a failure downstream) stops consuming. A task raises
+    what ``fn`` raised (``retries`` re-runs it first; on Dask a task lost with its worker is re-run by Dask).
 
     Args:
-        runner: a Prefect task runner (`build_task_runner`); it is duplicated per call, so one mapper serves
-            several calls. task_name: the task run name in the Prefect UI. retries: per task.
+        runner: a Prefect task runner (`build_task_runner`); it is duplicated and started per call, or once for
+            all calls made inside ``with mapper:``. task_name: the task run name in the Prefect UI (default: the
+            function's name, ``hash_batch`` -> ``hash-batch``). retries: per task.
         on_result: called as ``on_result(done, total)`` after each job's result is consumed (progress).
     """
 
     def __init__(
         self,
         runner: Any,
-        task_name: str = "prepare-batch",
+        task_name: str | None = None,
         *,
         retries: int = 0,
         on_result: Callable[[int, int], None] | None = None,
     ) -> None:
         self.runner, self.task_name, self.retries, self.on_result = runner, task_name, retries, on_result
+        self._session: contextlib.ExitStack | None = None
+        self._started: Any = None
 
     def __repr__(self) -> str:
         return f"Prefect {type(self.runner).__name__}"
+
+    def __enter__(self) -> TaskRunnerMapper:
+        self._session = contextlib.ExitStack()
+        self._started = self._session.enter_context(self.runner.duplicate())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        session, self._session, self._started = self._session, None, None
+        if session is not None:
+            session.close()
 
     def __call__(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]:
         from prefect import task
         from prefect.cache_policies import NO_CACHE
 
         _ship_current_flow_by_value()
+        name = self.task_name or fn.__name__.replace("_", "-")
         # no cache key (it would hash every job) and no stored results (encoded images stay off the result store)
-        prepare = task(fn, name=self.task_name, cache_policy=NO_CACHE, persist_result=False, retries=self.retries)
+        wrapped = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False, retries=self.retries)
+        with contextlib.ExitStack() as stack:
+            runner = self._started or stack.enter_context(self.runner.duplicate())
+            yield from self._map(runner, wrapped, jobs)
+
+    def _map(self, runner: Any, wrapped: Any, jobs: Sequence[J]) -> Iterator[Any]:
         todo = iter(jobs)
         done = 0
-        with self.runner.duplicate() as runner:
-            pending = deque(runner.submit(prepare, {"job": job}) for job in islice(todo, IN_FLIGHT))
+        pending = deque(runner.submit(wrapped, {"job": job}) for job in islice(todo, IN_FLIGHT))
+        while pending:
+            result = pending.popleft().result()  # raises what the task raised
+            job = next(todo, None)
+            if job is not None:
+                pending.append(runner.submit(wrapped, {"job": job}))
+            done += 1
+            if self.on_result is not None:
+                self.on_result(done, len(jobs))
+            yield result
+
+
+class WorkerDiedError(DDColorError):
+    """A local worker process died (killed, or out of memory). What was committed before is kept."""
+
+
+def _one_torch_thread() -> None:
+    """A pool worker computes on one core: the pool already runs one process per core."""
+    with contextlib.suppress(Exception):  # torch is optional for some jobs; never fail a worker over it
+        import torch
+
+        torch.set_num_threads(1)
+
+
+class ProcessPoolMapper:
+    """``map_batches(fn, jobs)`` on ``workers`` local processes, results in job order (``workers`` <= 0: in this
+    process). ``fn`` and the jobs must pickle (a function of the installed package, dataclass jobs).
+
+    Processes start with ``forkserver`` (no fork of a process that holds threads: torch, boto3) and use one torch
+    thread each. At most ``4 x workers`` jobs are submitted ahead of the one being consumed. ``with mapper:``
+    keeps the pool up across calls; otherwise each call starts and stops its own.
+
+    Raises (from the iterator):
+        WorkerDiedError: a worker process died; the message says what to try.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"a pool of {self.workers} processes" if self.workers > 0 else "this process"
+
+    def _start(self) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context("forkserver")
+        # the workers get this process's environment as of now (a forkserver started earlier would hand out its own)
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(dict(os.environ),))
+
+    def __enter__(self) -> ProcessPoolMapper:
+        if self.workers > 0:
+            self._executor = self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def __call__(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]:
+        if self.workers <= 0 or len(jobs) <= 1:
+            yield from map_in_process(fn, jobs)
+            return
+        own = self._executor is None
+        executor = self._start() if own else self._executor
+        pending: deque[Future[R]] = deque()
+        todo = iter(jobs)
+        try:
+            pending.extend(executor.submit(fn, job) for job in islice(todo, 4 * self.workers))
             while pending:
-                result = pending.popleft().result()  # raises what the task raised
+                result = pending.popleft().result()
                 job = next(todo, None)
                 if job is not None:
-                    pending.append(runner.submit(prepare, {"job": job}))
-                done += 1
-                if self.on_result is not None:
-                    self.on_result(done, len(jobs))
+                    pending.append(executor.submit(fn, job))
                 yield result
+        except BrokenProcessPool as err:
+            raise WorkerDiedError(
+                f"a worker process died ({err}); out of memory? Lower the number of workers (data.num_workers / "
+                "--workers) and rerun the same command: what was finished is kept, the rerun completes the rest"
+            ) from err
+        finally:
+            for future in pending:
+                future.cancel()
+            if own:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(environ: dict[str, str]) -> None:
+    # storage settings (AWS_*, DDCOLOR_*) as the parent has them now
+    os.environ.clear()
+    os.environ.update(environ)
+    _one_torch_thread()
+
+
+def mapper_session(mapper: Any) -> contextlib.AbstractContextManager[Any]:
+    """``with mapper:`` when the mapper supports it (keeps its pool up across calls), else nothing."""
+    if hasattr(mapper, "__enter__") and hasattr(mapper, "__exit__"):
+        return mapper
+    return contextlib.nullcontext(mapper)
 
 
 def map_in_process(fn: Callable[[J], R], jobs: Iterable[J]) -> Iterator[R]:

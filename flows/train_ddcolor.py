@@ -14,10 +14,11 @@ Parameters mirror the sections of ``params.yaml``: ``train={"max_steps": 50, "lr
 library's log lines in the Prefect UI.
 
 Ingestion fans out over a Prefect task runner when ``ingest_task_runner`` is set (``thread``, ``process``, ``dask``,
-``dask://host:port``, ``ray``, ``ray://host:port``): the ingest task maps a ``prepare-batch`` task over batches of
-input files on that runner and writes the shards from the results, in input order (the same dataset as without).
-The batch function and the mapper come from the installed package (`ddcolor.fanout`), so a Dask or Ray cluster
-that has ``ddcolor`` installed runs them (``dask worker`` in any folder; it needs no checkout).
+``dask://host:port``, ``ray``, ``ray://host:port``): the ingest task maps ``hash-batch`` tasks over batches of input
+files, then ``write-shard`` tasks (one per shard) on that runner; the workers write the shards themselves and the
+task commits the manifest (the same dataset as without). The job functions and the mapper come from the installed
+package (`ddcolor.data.ingest_jobs`, `ddcolor.fanout`), so a Dask or Ray cluster that has ``ddcolor`` installed
+runs them (``dask worker`` in any folder; it needs no checkout).
 
 Final states:
 
@@ -111,7 +112,8 @@ RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": _r
 
 
 INGEST_TASK_RUNNERS = TASK_RUNNERS
-INGEST_IN_FLIGHT = fanout.IN_FLIGHT  # prepare-batch tasks submitted ahead of the one whose results are being written
+INGEST_IN_FLIGHT = fanout.IN_FLIGHT  # ingest job tasks submitted ahead of the one whose result is being consumed
+INGEST_JOB_RETRIES = 2  # hash-batch / write-shard are idempotent (a shard's bytes depend only on its job)
 
 
 def build_ingest_task_runner(spec: str) -> Any:
@@ -121,8 +123,11 @@ def build_ingest_task_runner(spec: str) -> Any:
 
 @task(name="ingest", timeout_seconds=DEFAULT_TIMEOUTS_S["ingest"], **RETRY)
 def ingest_task(config: Config, source: str | None, task_runner: str | None = None) -> dict[str, Any]:
-    """``task_runner``: fan the per-file work out as ``prepare-batch`` tasks on it (`build_ingest_task_runner`)."""
-    mapper = fanout.TaskRunnerMapper(build_ingest_task_runner(task_runner)) if task_runner else None
+    """``task_runner``: fan the work out as ``hash-batch`` and ``write-shard`` tasks on it
+    (`build_ingest_task_runner`)."""
+    mapper = None
+    if task_runner:
+        mapper = fanout.TaskRunnerMapper(build_ingest_task_runner(task_runner), retries=INGEST_JOB_RETRIES)
     report = pipeline.ingest_step(config, source, map_batches=mapper)
     get_run_logger().info(report.summary())
     return {"ingested": report.ingested, "duplicates": report.duplicates, "total_rows": report.total_rows}
@@ -428,7 +433,7 @@ def train_ddcolor(
             flow run is node ``node_rank`` of ``nnodes``; the other nodes run the same torchrun command (e.g. the
             pods of infra/k8s/examples/train-multinode-job.yaml). rdzv_id defaults to the flow run's id.
         colorize: colorize the sample photos with the champion at the end.
-        ingest_task_runner: fan ingestion out as ``prepare-batch`` tasks on this task runner: ``thread``,
+        ingest_task_runner: fan ingestion out as ``hash-batch`` / ``write-shard`` tasks on this task runner: ``thread``,
             ``process``, ``dask`` (a local cluster) or ``dask://host:port``, ``ray`` or ``ray://host:port``
             (the cluster needs ``ddcolor`` installed). None: the local process pool
             (``data.num_workers``).

@@ -1,10 +1,10 @@
 """``ddcolor gc``: remove what a shard dataset no longer uses: orphan shards and old hash-index files.
 
 Orphan shards are Parquet files under ``DEST/shards/`` that ``manifest.json`` does not list: left by a run that
-crashed before its commit (readers never read them). Hash-index files (``DEST/hash-index/*.bin``) are written per
-dataset version for fan-out workers and are only needed while a run is going. Both are removed only once older
-than a grace period (default 24 h), so the shards and index of an ingest that is running right now (uploaded, not
-yet committed) are never taken from under it.
+crashed before its commit, or replaced during a concurrent commit (readers never read them). Hash-index files
+(``DEST/hash-index/*.bin``) other than the one the manifest names belong to older dataset versions. Both are removed
+only once older than a grace period (default 24 h), so the shards and index of an ingest that is running right now
+(uploaded, not yet committed) are never taken from under it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ddcolor import storage
+from ddcolor.data.hash_index import HASH_INDEX_DIR
 from ddcolor.data.manifest import orphan_shards
 
 __all__ = ["GcReport", "collect_garbage"]
 
-HASH_INDEX_DIR = "hash-index"  # as ddcolor.data.ingest.HASH_INDEX_DIR (not imported: ingest pulls in torch)
 DEFAULT_GRACE_S = 24 * 3600
 
 
@@ -53,7 +53,7 @@ def _age_and_size(uri: str) -> tuple[float, int]:
 
 
 def collect_garbage(dest: str, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> GcReport:
-    """Remove orphan shards and hash-index files of the dataset at ``dest`` older than ``grace_s`` seconds.
+    """Remove orphan shards and unused hash-index files of the dataset at ``dest`` older than ``grace_s`` seconds.
 
     Raises:
         ddcolor.data.manifest.ManifestError: an unreadable manifest (nothing is removed then).
@@ -67,6 +67,9 @@ def collect_garbage(dest: str, *, grace_s: float = DEFAULT_GRACE_S, dry_run: boo
         candidates += storage.list_files(storage.join(dest, HASH_INDEX_DIR), suffixes=[".bin"])
     report = GcReport()
     listed = {storage.join(dest, s["path"]) for s in (manifest or {}).get("shards", [])}
+    if isinstance((manifest or {}).get("hash_index"), str):
+        listed.add(storage.join(dest, manifest["hash_index"]))  # the index of the current version stays
+        candidates = [uri for uri in candidates if uri not in listed]
     for uri in candidates:
         assert uri not in listed, uri  # never a shard the manifest lists
         age, size = _age_and_size(uri)

@@ -2,50 +2,55 @@
 
 The dataset's layout, manifest and quarantine formats are specified in `ddcolor.data.manifest`.
 
-Each run: list SOURCE, hash every file (sha256 of its bytes), skip content already in DEST's shards or earlier in
-this run (duplicates), decode the rest in a process pool (EXIF orientation, ICC -> sRGB via `ddcolor.imageio`),
-resize (``data.resize_mode``), encode Lab, and append new shards. Re-running on the same source adds nothing and
-leaves every file untouched; adding images adds only those. Always ``inputs == ingested + duplicates +
-quarantined``; one bad file never stops a run, an infrastructure failure (S3 unreachable after retries) does,
-and a rerun then completes it without duplicates.
+A run streams the listing of SOURCE in windows of `LIST_WINDOW` files and, per window, fans two kinds of job out to
+an executor (`ddcolor.data.ingest_jobs`; the local process pool by default, or ``map_batches``: Dask, Ray, a
+Prefect task runner):
 
-Fan-out: ``ingest(..., map_batches=...)`` replaces the local process pool with any executor (a Prefect task runner,
-Dask, Ray, ``concurrent.futures``): it is handed `prepare_batch` and a list of `BatchJob` (picklable, a few hundred
-bytes whatever the dataset size: URIs, settings and the URI of the dataset's sorted hash index under
-``DEST/hash-index/``; no credential: workers use their own environment) and must return one ``list[Outcome]`` per
-job, in job order. Hashing, dedup against the
-dataset, decoding and encoding run on the workers; dedup within the run, splits, shards, manifest and quarantine stay
-in the calling process, so the dataset is the same whichever executor ran the batches.
+1. ``hash_batch`` jobs hash the files and look them up in the dataset's hash index;
+2. this process drops duplicates (of the dataset, and earlier in the run: 32 bytes of memory per new image) and
+   groups the new files, in input order, into shards of ``data.shard_rows``;
+3. ``write_shard`` jobs decode, resize and Lab-encode them and write each shard straight to DEST.
+
+Only hashes and small shard records cross this process (a few hundred bytes per image, whatever the cluster
+size); the dataset is the same whichever executor ran the jobs. Last, the commit: ``quarantine.json``, then the
+merged hash index and ``manifest.json``, each by optimistic concurrency (`ddcolor.storage.update_bytes`), so two
+runs into one dataset at once never lose a shard or double a row.
+
+Re-running on the same source adds nothing and leaves every file untouched; adding images adds only those. Always
+``inputs == ingested + duplicates + quarantined``; one bad file never stops a run, an infrastructure failure (S3
+unreachable after retries) does, and a rerun then completes it without duplicates (shards written by the failed
+run are orphans: never read, removed by ``ddcolor gc``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import logging
-import multiprocessing
 import os
-import socket
-import tempfile
 import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from ddcolor import storage
-from ddcolor.color import CF_MEAN_WEIGHT
 from ddcolor.config import Config, DataConfig
-from ddcolor.data.lab_lut import LabEncoder
+from ddcolor.data.hash_index import HashIndex, load_hash_index, write_hash_index
+from ddcolor.data.ingest_jobs import (
+    Hashed,
+    HashJob,
+    ShardJob,
+    ShardResult,
+    hash_batch,
+    origin,
+    upload_shard,
+    write_shard,
+)
 from ddcolor.data.manifest import (
+    CONFIG_KEYS,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -53,12 +58,19 @@ from ddcolor.data.manifest import (
     QUARANTINE_NAME,
     SHARDS_DIR,
     ManifestError,
+    QuarantineEntry,
+    build_manifest,
+    format_problem,
+    merge_quarantine,
     orphan_shards,
     read_manifest,
+    shards_problem,
 )
-from ddcolor.data.shards import SHARD_SCHEMA, split_for
+from ddcolor.data.prepare import MIN_SIDE, PrepareParams
+from ddcolor.data.shards import ShardRow
 from ddcolor.errors import DDColorError
-from ddcolor.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, read_rgb8_image, to_uint
+from ddcolor.fanout import ProcessPoolMapper, mapper_session
+from ddcolor.imageio import IMAGE_EXTENSIONS
 
 __all__ = [
     "FORMAT",
@@ -67,45 +79,30 @@ __all__ = [
     "MIN_SIDE",
     "QUARANTINE_NAME",
     "SHARDS_DIR",
-    "BatchJob",
     "BatchMapper",
-    "HashIndex",
     "IngestError",
     "IngestReport",
-    "Outcome",
-    "PrepareParams",
     "QuarantineEntry",
-    "decode_image_bytes",
     "ingest",
     "load_manifest",
     "load_quarantine",
-    "prepare_batch",
-    "prepare_image",
     "shard_uris",
-    "write_hash_index",
 ]
 
 log = logging.getLogger(__name__)
 
-MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotation) are quarantined
-ROW_GROUP_ROWS = 64  # rows per Parquet row group: small enough to stream, large enough to compress
-TASK_BATCH = 4  # files per task sent to a worker process of the local pool
-MAP_BATCH = 32  # files per `BatchJob` handed to a `map_batches` executor
-HASH_INDEX_DIR = "hash-index"  # sorted sha256 digests of a dataset version, read by fan-out workers (`BatchJob`)
-_CONFIG_KEYS = ("size", "resize_mode", "val_fraction", "min_colorfulness")
+MAP_BATCH = 32  # files per hash job
+LIST_WINDOW = 16384  # files listed, hashed and deduplicated before their shards are written (bounds driver memory)
+
+BatchMapper = Callable[[Callable[[Any], Any], list[Any]], Iterable[Any]]
+"""``map_batches(fn, jobs)``: run ``fn`` on every job, anywhere; return the results in job order (an iterable,
+consumed as it goes). Called with ``hash_batch`` / `HashJob` and ``write_shard`` / `ShardJob`
+(`ddcolor.data.ingest_jobs`); a mapper that is a context manager is entered once for the run
+(`ddcolor.fanout.mapper_session`)."""
 
 
 class IngestError(DDColorError):
     """A dataset-level problem: a damaged or incompatible dataset at DEST, or a worker process that died."""
-
-
-@dataclass(frozen=True)
-class QuarantineEntry:
-    """An input that was not ingested, and why."""
-
-    source_uri: str
-    sha256: str | None
-    reason: str
 
 
 @dataclass
@@ -152,362 +149,6 @@ class IngestReport:
         return "\n".join(lines)
 
 
-# --- image preparation -----------------------------------------------------------------------------------
-
-
-def _ingest_reason(reason: str) -> str:
-    """imageio's reasons mention the colorize CLI's --max-pixels; here the knob is data.max_image_pixels."""
-    return reason.replace("Raise --max-pixels (0 = no limit)", "Raise data.max_image_pixels (null = no limit)").replace(
-        "--max-pixels limit", "data.max_image_pixels limit"
-    )
-
-
-def decode_image_bytes(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
-    """Decode image file bytes exactly like `ddcolor.imageio.read_image` (EXIF orientation, ICC -> sRGB).
-
-    Args:
-        data: the file content. name: its name (for the extension and messages). max_pixels: bomb guard.
-
-    Returns:
-        float32 (H, W, 3) sRGB in [0, 1], upright.
-
-    Raises:
-        ImageReadError: with the same reasons as `read_image`.
-    """
-    suffix = Path(name).suffix if Path(name).suffix.lower() in IMAGE_EXTENSIONS else ".img"
-    with tempfile.TemporaryDirectory(prefix="ddcolor-decode-") as tmp:
-        path = Path(tmp) / f"input{suffix}"
-        path.write_bytes(data)
-        try:
-            return read_image(path, max_pixels).rgb
-        except ImageReadError as err:
-            raise ImageReadError(name, err.reason) from None
-
-
-def prepare_image(rgb: np.ndarray | Image.Image, size: int, resize_mode: str) -> np.ndarray:
-    """float or uint8 (H, W, 3) sRGB (float in [0, 1]), or an RGB PIL image -> uint8 (size, size, 3) sRGB.
-
-    ``resize``: direct resize to size x size (the official recipe; aspect ratio not kept). ``center_crop``: the
-    short side to ``size`` (aspect kept), then the central size x size square. Antialiased bicubic resampling.
-    """
-    if isinstance(rgb, Image.Image):
-        im = rgb
-    else:
-        im = Image.fromarray(to_uint(rgb, 8), mode="RGB") if rgb.dtype != np.uint8 else Image.fromarray(rgb)
-    width, height = im.size
-    if resize_mode == "resize":
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    elif resize_mode == "center_crop":
-        scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    else:
-        raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'resize' or 'center_crop'")
-    return np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
-
-
-def colorfulness_u8(img: np.ndarray) -> float:
-    """`ddcolor.color.colorfulness_np` of a uint8 (H, W, 3) RGB image in one integer pass (same value to ~1e-12).
-
-    rg = |R - G| and 2 yb = |R + G - 2B| are small integers, so their sums and sums of squares are exact; mean and
-    population variance follow from them with one rounding each (Python integers), instead of two-pass float64
-    statistics.
-    """
-    pixels = img.reshape(-1, 3).astype(np.int32)
-    rg = np.abs(pixels[:, 0] - pixels[:, 1])
-    yb2 = np.abs(pixels[:, 0] + pixels[:, 1] - 2 * pixels[:, 2])  # 2 * yb
-    n = rg.size
-    # squares fit int32 (<= 510^2), sums are taken in int64; no BLAS (its threads spin on a busy machine)
-    s_rg, s_yb2 = int(rg.sum(dtype=np.int64)), int(yb2.sum(dtype=np.int64))
-    q_rg, q_yb2 = int((rg * rg).sum(dtype=np.int64)), int((yb2 * yb2).sum(dtype=np.int64))
-    # n^2 var = n sum(x^2) - sum(x)^2, exactly; yb = yb2 / 2, so its moments take a factor 4
-    var = (n * q_rg - s_rg * s_rg) / n**2 + (n * q_yb2 - s_yb2 * s_yb2) / (4 * n**2)
-    mean2 = (s_rg / n) ** 2 + (s_yb2 / (2 * n)) ** 2
-    return float(np.sqrt(var) + CF_MEAN_WEIGHT * np.sqrt(mean2))
-
-
-#: JPEG draft decoding (`ddcolor.imageio.read_rgb8`: 1/2, 1/4 or 1/8 scale in the DCT domain, keeping >= this
-#: factor x the target side) is OFF (0): measured on 2048- and 4000-px JPEGs to 256 px it is 3-10x faster, but moves
-#: stored values by up to 1.2 L* and 3 ab (mean 0.06 L*, 0.15 ab), more than the shard quantisation tolerance
-#: (0.2 L*, 0.5 ab) that ingestion promises relative to a full decode. 2 is the setting that was measured.
-DRAFT_FACTOR = 0
-#: this process's shard Lab encoder: `encode_lab` bytes, by table look-up once enough images were encoded.
-_ENCODE_LAB = LabEncoder()
-
-
-# --- per-file work (runs in worker processes) -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrepareParams:
-    """How a worker prepares an image: the output side (px), ``data.resize_mode`` and the decode bomb guard."""
-
-    size: int
-    resize_mode: str
-    max_pixels: int | None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one input (picklable: it crosses process and cluster boundaries).
-
-    Attributes:
-        kind: ``"row"`` (L, ab, colorfulness set), ``"duplicate"`` (content already in the dataset) or
-            ``"quarantine"`` (reason set).
-        uri: the input. sha256: of its bytes (None when it could not be read).
-        L, ab: `ddcolor.data.shards.encode_lab` of the prepared (size, size) image. colorfulness: of that image.
-    """
-
-    kind: str
-    uri: str
-    sha256: str | None = None
-    reason: str = ""
-    L: bytes = b""
-    ab: bytes = b""
-    colorfulness: float = 0.0
-
-
-@dataclass(frozen=True)
-class BatchJob:
-    """One batch of inputs for `prepare_batch`, with everything a worker needs (picklable, self-contained).
-
-    Its size does not grow with the dataset, and it holds no credential: a worker reads storage with the settings
-    of its own environment (``AWS_*`` / its role), and the known hashes from the index file the job names.
-
-    Attributes:
-        uris: the inputs, in input order.
-        params: how to prepare them.
-        known_index: URI of the sorted hash index of the images already in the dataset (`write_hash_index`; those
-            are reported as duplicates without decoding), or None for an empty dataset. Each worker process loads it
-            once (cached by URI: the name holds its content hash).
-        run_id: identifies the `ingest` run: a worker process configures itself once per run.
-        origin: ``host:pid`` of the process that runs `ingest`; a job run there (a thread executor) changes nothing
-            in the process (its torch threads are left alone).
-    """
-
-    uris: tuple[str, ...]
-    params: PrepareParams
-    known_index: str | None
-    run_id: str
-    origin: str
-
-
-BatchMapper = Callable[[Callable[[BatchJob], list[Outcome]], list[BatchJob]], Iterable[list[Outcome]]]
-"""``map_batches(prepare_batch, jobs)``: run ``prepare_batch`` on every job, anywhere; return the results in job
-order (an iterable, consumed as it goes: a generator keeps memory bounded)."""
-
-_STATE: dict[str, Any] = {}
-
-
-def _configure(params: PrepareParams, known: frozenset[str]) -> None:
-    _STATE["params"] = params
-    _STATE["known"] = known
-
-
-_ENV_PREFIXES = ("AWS_", "DDCOLOR_")
-
-
-def _storage_env() -> dict[str, str]:
-    """The environment that storage reads (endpoint, credentials, retries), to hand to worker processes."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-
-
-def _use_env(env: dict[str, str]) -> None:
-    """Make this worker process read storage settings ``env`` (and use one torch thread)."""
-    # A forkserver child inherits the environment of the moment the server started, not of now: use the parent's.
-    for name in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in env]:
-        del os.environ[name]
-    os.environ.update(env)
-    _one_torch_thread()
-
-
-def _one_torch_thread() -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(1)  # one process per core already
-    except Exception:  # pragma: no cover
-        pass
-
-
-class HashIndex:
-    """Membership in a sorted array of sha256 digests (32 bytes each): 32 MB per million rows, binary search."""
-
-    def __init__(self, digests: np.ndarray) -> None:
-        self.digests = digests
-
-    def __len__(self) -> int:
-        return len(self.digests)
-
-    def __contains__(self, sha256_hex: object) -> bool:
-        if not isinstance(sha256_hex, str):
-            return False
-        digest = np.array([bytes.fromhex(sha256_hex)], dtype="S32")
-        i = int(np.searchsorted(self.digests, digest[0]))
-        # array vs array: numpy drops trailing NUL bytes of S32 elements on both sides alike (not so for scalars)
-        return i < len(self.digests) and bool(self.digests[i : i + 1] == digest)
-
-
-def write_hash_index(dest: str, known: Iterable[str]) -> str:
-    """Write the sorted digests of ``known`` (hex sha256) to ``DEST/hash-index/<sha256 of the file>[:16].bin``
-    (once: an existing file of that name holds the same content) and return its URI, for `BatchJob.known_index`.
-    """
-    digests = np.sort(np.array([bytes.fromhex(h) for h in known], dtype="S32"))
-    data = digests.tobytes()
-    uri = storage.join(dest, HASH_INDEX_DIR, f"{hashlib.sha256(data).hexdigest()[:16]}.bin")
-    if not storage.exists(uri):
-        storage.write_bytes(uri, data)
-    return uri
-
-
-def _load_hash_index(uri: str) -> HashIndex:
-    """The index at ``uri``, read once per process (the name holds its content hash, so a cached copy is current)."""
-    cached = _STATE.get("hash_index")
-    if cached is None or cached[0] != uri:
-        digests = np.frombuffer(storage.read_bytes(uri), dtype="S32")
-        cached = _STATE["hash_index"] = (uri, HashIndex(digests))
-    return cached[1]
-
-
-def _init_worker(params: PrepareParams, known: frozenset[str], env: dict[str, str]) -> None:
-    _use_env(env)
-    _configure(params, known)
-
-
-def _origin() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _process(uri: str, params: PrepareParams, known: frozenset[str]) -> Outcome:
-    try:
-        data = storage.read_bytes(uri)
-    except storage.StorageError as err:
-        if storage.is_s3(uri) and not isinstance(err, storage.StorageNotFoundError):
-            raise  # infrastructure: stop the run (a rerun completes it)
-        return Outcome("quarantine", uri, reason=f"cannot read: {err.reason}")
-    sha = hashlib.sha256(data).hexdigest()
-    if sha in known:
-        return Outcome("duplicate", uri, sha)
-    try:
-        # straight from the bytes already read (hashed) to 8-bit sRGB: no second read, no float32 copy
-        rgb = read_rgb8_image(data, uri, params.max_pixels, draft_side=DRAFT_FACTOR * params.size)
-        width, height = rgb.size
-        if min(height, width) < MIN_SIDE:
-            return Outcome(
-                "quarantine", uri, sha, reason=f"too small: {width}x{height} px; need at least {MIN_SIDE} px a side"
-            )
-        img = prepare_image(rgb, params.size, params.resize_mode)
-        lightness, ab = _ENCODE_LAB(img)  # == encode_lab(img)
-        return Outcome("row", uri, sha, L=lightness, ab=ab, colorfulness=colorfulness_u8(img))
-    except ImageReadError as err:
-        return Outcome("quarantine", uri, sha, reason=_ingest_reason(err.reason))
-    except Exception as err:  # one bad file never stops the run
-        log.debug("unexpected error on %s", uri, exc_info=True)
-        return Outcome("quarantine", uri, sha, reason=f"cannot decode ({type(err).__name__}: {err})")
-
-
-def _process_batch(uris: list[str]) -> list[Outcome]:
-    params, known = _STATE["params"], _STATE["known"]
-    return [_process(uri, params, known) for uri in uris]
-
-
-def prepare_batch(job: BatchJob) -> list[Outcome]:
-    """Hash, dedup against ``job.known``, decode, resize and encode ``job.uris`` (the unit of work of a fan-out).
-
-    Runs anywhere `ddcolor` is installed: a thread, a process, a Dask or Ray worker, with the storage settings of
-    its own environment. On the first job of a run in another process it sets torch to one thread.
-
-    Returns:
-        One `Outcome` per URI, in ``job.uris`` order. A bad file is an Outcome (quarantine), never an exception.
-
-    Raises:
-        StorageError: an ``s3://`` input unreachable after retries (the run stops; a rerun completes it).
-    """
-    if job.origin != _origin() and _STATE.get("run_id") != job.run_id:
-        _one_torch_thread()
-        _STATE["run_id"] = job.run_id
-    known = _load_hash_index(job.known_index) if job.known_index else frozenset()
-    return [_process(uri, job.params, known) for uri in job.uris]
-
-
-def _outcomes(inputs: list[str], params: PrepareParams, known: frozenset[str], workers: int) -> Iterator[Outcome]:
-    """Outcomes in input order, from ``workers`` processes (0: this process), with a bounded queue."""
-    if workers <= 0 or len(inputs) <= 1:
-        for uri in inputs:
-            yield _process(uri, params, known)
-        return
-    batches = [inputs[i : i + TASK_BATCH] for i in range(0, len(inputs), TASK_BATCH)]
-    workers = min(workers, len(batches))
-    ctx = multiprocessing.get_context("forkserver")  # no fork of a process that holds threads (torch, boto3)
-    ctx.set_forkserver_preload([__name__])
-    executor = ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(params, known, _storage_env())
-    )
-    pending: deque[Future[list[Outcome]]] = deque()
-    todo = iter(batches)
-    try:
-        for batch in todo:
-            pending.append(executor.submit(_process_batch, batch))
-            if len(pending) >= 4 * workers:
-                break
-        while pending:
-            results = pending.popleft().result()
-            batch = next(todo, None)
-            if batch is not None:
-                pending.append(executor.submit(_process_batch, batch))
-            yield from results
-    except BrokenProcessPool as err:
-        raise IngestError(f"a worker process died ({err}); out of memory? Lower data.num_workers and rerun") from err
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _mapped_outcomes(
-    inputs: list[str],
-    params: PrepareParams,
-    known: frozenset[str],
-    map_batches: BatchMapper,
-    batch_size: int,
-    dest: str,
-) -> Iterator[Outcome]:
-    """Outcomes in input order from ``map_batches``; each batch's results are checked against its inputs."""
-    if not inputs:
-        return  # no executor started for nothing
-    run_id, origin = uuid.uuid4().hex, _origin()
-    index = write_hash_index(dest, known) if known else None
-    jobs = [
-        BatchJob(tuple(inputs[i : i + batch_size]), params, index, run_id, origin)
-        for i in range(0, len(inputs), batch_size)
-    ]
-    results = map_batches(prepare_batch, jobs)
-    done = 0
-    try:
-        for outcomes in results:
-            if done == len(jobs):
-                raise IngestError(f"map_batches returned more than the {len(jobs)} batches it was given")
-            if not isinstance(outcomes, list | tuple) or not all(isinstance(o, Outcome) for o in outcomes):
-                raise IngestError(
-                    f"map_batches returned, as batch {done}, a {type(outcomes).__name__} that is not a list of "
-                    "Outcome: a mapper must return one list per batch (what prepare_batch returned), in batch order"
-                )
-            got = [o.uri for o in outcomes]
-            if got != list(jobs[done].uris):
-                raise IngestError(
-                    f"map_batches returned, as batch {done} of {len(jobs)}, the outcomes of {got[:2]}... instead of "
-                    f"{list(jobs[done].uris[:2])}...: a mapper must return one list per batch, in batch order"
-                )
-            done += 1
-            yield from outcomes
-        if done != len(jobs):
-            raise IngestError(f"map_batches returned {done} results for {len(jobs)} batches")
-    finally:
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()  # a generator mapper stops its executor now
-
-
 # --- dataset files ---------------------------------------------------------------------------------------
 
 
@@ -543,147 +184,6 @@ def load_quarantine(dest: str) -> list[dict[str, Any]]:
     return list(data.get("entries", []))
 
 
-def _known_hashes(dest: str, manifest: dict[str, Any] | None) -> frozenset[str]:
-    import pyarrow.parquet as pq
-
-    hashes: set[str] = set()
-    for uri in shard_uris(dest, manifest) if manifest else []:
-        try:
-            with storage.open_input_file(uri) as fh:
-                hashes.update(pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist())
-        except storage.StorageNotFoundError:
-            raise IngestError(f"{uri}: listed in the manifest but missing; the dataset at {dest} is damaged") from None
-        except (OSError, ValueError, KeyError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError OSError
-            raise IngestError(
-                f"{uri}: unreadable shard ({type(err).__name__}: {err}); the dataset at {dest} is damaged: restore it "
-                "(`dvc checkout data/shards`, `dvc pull`) or ingest into a new destination"
-            ) from None
-    return frozenset(hashes)
-
-
-def _check_compatible(manifest: dict[str, Any] | None, cfg: DataConfig, dest: str) -> None:
-    if manifest is None:
-        return
-    have = manifest.get("config", {})
-    diff = [
-        f"data.{k}={getattr(cfg, k)!r} (dataset: {have.get(k)!r})"
-        for k in _CONFIG_KEYS
-        if have.get(k) != getattr(cfg, k)
-    ]
-    if diff:
-        raise IngestError(
-            f"{dest} was built with other settings: {', '.join(diff)}. Use a new --dest, or the dataset's settings."
-        )
-
-
-class _ShardWriter:
-    """Streams rows into Parquet shards of ``shard_rows`` rows (row groups of ROW_GROUP_ROWS) and uploads each."""
-
-    def __init__(
-        self, dest: str, first_index: int, shard_rows: int, size: int, tmpdir: Path, ingested_at: datetime
-    ) -> None:
-        self.dest, self.index, self.shard_rows, self.size, self.tmpdir = dest, first_index, shard_rows, size, tmpdir
-        self.ingested_at = ingested_at
-        self.entries: list[dict[str, Any]] = []
-        self._writer: Any = None
-        self._buffer: list[tuple[Outcome, str, bool]] = []
-        self._rows = 0
-        self._splits = {"train": 0, "val": 0}
-        self._low = 0
-
-    def add(self, outcome: Outcome, split: str, low: bool) -> None:
-        self._buffer.append((outcome, split, low))
-        self._rows += 1
-        self._splits[split] += 1
-        self._low += int(low)
-        if len(self._buffer) >= ROW_GROUP_ROWS:
-            self._write_group()
-        if self._rows >= self.shard_rows:
-            self._finish()
-
-    def close(self) -> None:
-        if self._rows:
-            self._finish()
-
-    def _write_group(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if not self._buffer:
-            return
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(
-                self.tmpdir / "shard.parquet",
-                SHARD_SCHEMA,
-                compression="zstd",
-                use_dictionary=["split"],
-                write_statistics=["sha256", "split", "height", "width", "colorfulness", "low_colorfulness"],
-            )
-        size, n = self.size, len(self._buffer)
-        table = pa.Table.from_pydict(
-            {
-                "sha256": [o.sha256 for o, _, _ in self._buffer],
-                "source_uri": [o.uri for o, _, _ in self._buffer],
-                "split": [s for _, s, _ in self._buffer],
-                "height": [size] * n,
-                "width": [size] * n,
-                "L": [o.L for o, _, _ in self._buffer],
-                "ab": [o.ab for o, _, _ in self._buffer],
-                "colorfulness": [o.colorfulness for o, _, _ in self._buffer],
-                "low_colorfulness": [low for _, _, low in self._buffer],
-                "ingested_at": [self.ingested_at] * n,
-            },
-            schema=SHARD_SCHEMA,
-        )
-        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        self._buffer.clear()
-
-    def _finish(self) -> None:
-        self._write_group()
-        self._writer.close()
-        self._writer = None
-        path = self.tmpdir / "shard.parquet"
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        sha = digest.hexdigest()
-        rel = f"{SHARDS_DIR}/part-{self.index:05d}-{sha[:8]}.parquet"
-        storage.upload_file(path, storage.join(self.dest, rel))
-        self.entries.append(
-            {
-                "path": rel,
-                "rows": self._rows,
-                "bytes": path.stat().st_size,
-                "sha256": sha,
-                "splits": dict(self._splits),
-                "low_colorfulness": self._low,
-            }
-        )
-        log.info("wrote %s (%d rows)", storage.join(self.dest, rel), self._rows)
-        path.unlink()
-        self.index += 1
-        self._rows, self._splits, self._low = 0, {"train": 0, "val": 0}, 0
-
-
-def _manifest(cfg: DataConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:
-    counts = {
-        "rows": sum(s["rows"] for s in shards),
-        "train": sum(s["splits"]["train"] for s in shards),
-        "val": sum(s["splits"]["val"] for s in shards),
-        "low_colorfulness": sum(s["low_colorfulness"] for s in shards),
-        "shards": len(shards),
-    }
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": {k: getattr(cfg, k) for k in _CONFIG_KEYS},
-        "shards": shards,
-        "counts": counts,
-    }
-
-
 # --- the run ---------------------------------------------------------------------------------------------
 
 
@@ -702,23 +202,175 @@ def _default_workers(cfg: DataConfig) -> int:
         return os.cpu_count() or 1
 
 
-def _name(obj: object) -> str:
-    return getattr(obj, "__qualname__", None) or repr(obj)
+def _check_compatible(manifest: dict[str, Any] | None, cfg: DataConfig, dest: str) -> None:
+    if manifest is None:
+        return
+    have = manifest.get("config", {})
+    diff = [
+        f"data.{k}={getattr(cfg, k)!r} (dataset: {have.get(k)!r})"
+        for k in CONFIG_KEYS
+        if have.get(k) != getattr(cfg, k)
+    ]
+    if diff:
+        raise IngestError(
+            f"{dest} was built with other settings: {', '.join(diff)}. Use a new --dest, or the dataset's settings."
+        )
 
 
-def _list_inputs(source: str) -> tuple[list[str], int]:
+def _iter_inputs(source: str, counts: IngestReport) -> Iterator[str]:
+    """Image files under ``source`` in sorted order, streamed; other and hidden files are counted as skipped."""
     # paths as given (not resolved): shards must not record where the repository was checked out
     root = source if storage.is_s3(source) else str(Path(source))
-    files = storage.list_files(root)
     prefix = root.rstrip("/") + "/"
-    inputs = []
-    for uri in files:
+    for uri in storage.iter_files(root):
         rel = uri[len(prefix) :] if uri.startswith(prefix) else Path(uri).name
-        if any(part.startswith(".") for part in rel.split("/")):
+        if any(part.startswith(".") for part in rel.split("/")) or Path(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+            counts.skipped += 1
             continue
-        if Path(rel).suffix.lower() in IMAGE_EXTENSIONS:
-            inputs.append(uri)
-    return inputs, len(files) - len(inputs)
+        yield uri
+
+
+def _shard_hashes(dest: str, manifest: dict[str, Any]) -> HashIndex:
+    """The hash index of ``manifest``'s rows, read from its shards (for manifests without ``hash_index``)."""
+    import pyarrow.parquet as pq
+
+    hashes: list[str] = []
+    for uri in shard_uris(dest, manifest):
+        try:
+            with storage.open_input_file(uri) as fh:
+                hashes += pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist()
+        except storage.StorageNotFoundError:
+            raise IngestError(f"{uri}: listed in the manifest but missing; the dataset at {dest} is damaged") from None
+        except (OSError, ValueError, KeyError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError OSError
+            raise IngestError(
+                f"{uri}: unreadable shard ({type(err).__name__}: {err}); the dataset at {dest} is damaged: restore it "
+                "(`dvc checkout data/shards`, `dvc pull`) or ingest into a new destination"
+            ) from None
+    return HashIndex.from_hex(hashes)
+
+
+def _hash_index(dest: str, manifest: dict[str, Any] | None) -> tuple[HashIndex, str | None]:
+    """(the index of ``manifest``'s rows, its path relative to ``dest``; None for an empty dataset). A manifest
+    without one (or whose file is gone) gets it rebuilt from its shards and written (content-named, once)."""
+    if not manifest or not manifest.get("shards"):
+        return HashIndex.from_hex([]), None
+    relative = manifest.get("hash_index")
+    if isinstance(relative, str):
+        uri = storage.join(dest, relative)
+        if storage.exists(uri):  # checked here: workers will read it (this process may hold a cached copy)
+            index = load_hash_index(uri)
+            if len(index) == sum(int(s.get("rows", 0)) for s in manifest["shards"]):
+                return index, relative
+            log.warning("%s does not match the manifest's row count; rebuilding it", uri)
+        else:
+            log.warning("%s is gone; rebuilding the hash index from the shards", uri)
+    index = _shard_hashes(dest, manifest)
+    return index, write_hash_index(dest, index)
+
+
+def _checked(results: Iterable[Any], jobs: list[Any], expect: type, identity: Callable[[Any], Any]) -> Iterator[Any]:
+    """The mapper's results, checked: one per job, in job order (``identity(job) == identity(result)``), of the
+    function's own result type ``expect`` (a list of it for hash jobs); else IngestError."""
+    done = 0
+    try:
+        for result in results:
+            if done == len(jobs):
+                raise IngestError(f"map_batches returned more than the {len(jobs)} batches it was given")
+            listed = expect is Hashed
+            items = result if listed and isinstance(result, list | tuple) else [result]
+            if (listed and not isinstance(result, list | tuple)) or not all(isinstance(r, expect) for r in items):
+                raise IngestError(
+                    f"map_batches returned, as batch {done}, a {type(result).__name__} that is not what the function "
+                    f"returns ({'a list of ' if listed else ''}{expect.__name__}): a mapper must return one result "
+                    "per batch, the function's own, in batch order"
+                )
+            if identity(result) != identity(jobs[done]):
+                raise IngestError(
+                    f"map_batches returned, as batch {done} of {len(jobs)}, the result of another batch: a mapper "
+                    "must return one result per batch, in batch order"
+                )
+            yield result
+            done += 1
+        if done != len(jobs):
+            raise IngestError(f"map_batches returned {done} results for {len(jobs)} batches")
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()  # a generator mapper stops its executor now
+
+
+def _uris(job_or_result: HashJob | list[Hashed]) -> tuple[str, ...]:
+    return job_or_result.uris if isinstance(job_or_result, HashJob) else tuple(h.uri for h in job_or_result)
+
+
+@dataclass
+class _Run:
+    """The state of one ingest run in the driver: what is pending a shard, and what was written."""
+
+    dest: str
+    cfg: DataConfig
+    params: PrepareParams
+    mapper: BatchMapper
+    batch_size: int
+    known_index: str | None
+    first_shard: int
+    ingested_at: datetime
+    report: IngestReport
+    bar: Any
+    seen: set[bytes] = field(default_factory=set)  # sha256 digests of the new content of this run
+    pending: list[tuple[str, str]] = field(default_factory=list)  # (uri, sha256) waiting for a shard
+    results: list[ShardResult] = field(default_factory=list)
+
+    def hash_window(self, uris: list[str]) -> None:
+        """Phase 1 and dedup for one window of inputs; unique new files join ``pending``."""
+        driver = origin()
+        jobs = [
+            HashJob(tuple(uris[i : i + self.batch_size]), self.known_index, driver)
+            for i in range(0, len(uris), self.batch_size)
+        ]
+        results = _checked(self.mapper(hash_batch, jobs), jobs, Hashed, _uris)
+        with contextlib.closing(results):
+            for hashed in results:
+                for h in hashed:
+                    self.report.inputs += 1
+                    if h.sha256 is None:
+                        self._quarantine(QuarantineEntry(h.uri, None, h.reason))
+                        self.bar.update(1)
+                        continue
+                    digest = bytes.fromhex(h.sha256)
+                    if h.known or digest in self.seen:
+                        self.report.duplicates += 1
+                        log.debug("duplicate: %s (%s)", h.uri, h.sha256)
+                        self.bar.update(1)
+                        continue
+                    self.seen.add(digest)
+                    self.pending.append((h.uri, h.sha256))
+
+    def write_shards(self, final: bool) -> None:
+        """Phase 2: full shards of ``pending`` (and the rest too when ``final``)."""
+        rows = self.cfg.shard_rows
+        cut = len(self.pending) if final else len(self.pending) - len(self.pending) % rows
+        if cut == 0:
+            return
+        batch, self.pending = self.pending[:cut], self.pending[cut:]
+        driver = origin()
+        jobs = []
+        for i in range(0, len(batch), rows):
+            index = self.first_shard + len(self.results) + len(jobs)
+            items = tuple(batch[i : i + rows])
+            jobs.append(ShardJob(self.dest, index, items, self.params, self.ingested_at, driver))
+        results = _checked(self.mapper(write_shard, jobs), jobs, ShardResult, lambda r: r.index)
+        with contextlib.closing(results):
+            for job, result in zip(jobs, results, strict=False):
+                self.results.append(result)
+                self.report.ingested += len(result.hashes)
+                for entry in result.quarantined:
+                    self._quarantine(entry)
+                self.bar.update(len(job.items))
+
+    def _quarantine(self, entry: QuarantineEntry) -> None:
+        self.report.quarantined.append(entry)
+        log.warning("quarantined %s: %s", entry.source_uri, entry.reason)
 
 
 def ingest(
@@ -739,24 +391,23 @@ def ingest(
         dest: a local folder or ``s3://bucket/prefix``; default ``data.shards_uri``.
         config: the data settings (`DataConfig` or the whole `Config`); default: built-in defaults. Uses size,
             resize_mode, val_fraction, shard_rows, min_colorfulness, max_image_pixels, num_workers.
-        num_workers: worker processes for decode/resize/encode; 0 = this process. Default: ``data.num_workers``
-            when the config sets it explicitly, else all available cores.
+        num_workers: worker processes of the local pool; 0 = this process. Default: ``data.num_workers`` when the
+            config sets it explicitly, else all available cores. Not used with ``map_batches``.
         progress: show a tqdm progress bar.
-        map_batches: run the per-file work on this executor instead of the local process pool (then
-            ``num_workers`` is not used): called once as ``map_batches(prepare_batch, jobs)`` with a list of
-            `BatchJob`, it returns one ``list[Outcome]`` per job, in job order (see `BatchMapper`). The dataset is
-            the same as with the local pool.
-        batch_size: files per `BatchJob` for ``map_batches``; default `MAP_BATCH`.
+        map_batches: run the jobs on this executor instead of the local process pool (`BatchMapper`; e.g.
+            `ddcolor.fanout.TaskRunnerMapper` on Dask or Ray). The dataset is the same as with the local pool.
+        batch_size: files per hash job; default `MAP_BATCH`. (A shard job holds ``data.shard_rows`` files.)
 
     Returns:
         The `IngestReport` (quarantined files included; they are also in DEST's quarantine.json).
 
     Raises:
         IngestError: DEST holds a dataset built with another size/resize_mode/val_fraction/min_colorfulness, or is
-            damaged; a worker process died; ``map_batches`` returned results out of order or a wrong number of them.
+            damaged; ``map_batches`` returned results out of order or a wrong number of them.
+        ddcolor.fanout.WorkerDiedError: a local worker process died.
         ValueError: ``batch_size`` < 1.
         StorageError: SOURCE or DEST unreachable (after retries), missing, or access denied. Nothing is committed
-            then (no manifest change); shards already uploaded are ignored, and a rerun completes the dataset.
+            then (no manifest change); shards already uploaded are orphans, and a rerun completes the dataset.
     """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -769,75 +420,58 @@ def ingest(
     if not storage.is_s3(dest):
         dest = str(Path(dest).resolve())
     workers = _default_workers(cfg) if num_workers is None else num_workers
-    ingested_at = datetime.now(UTC)
+    mapper = map_batches if map_batches is not None else ProcessPoolMapper(workers)
 
     manifest = load_manifest(dest)
     _check_compatible(manifest, cfg, dest)
-    known = _known_hashes(dest, manifest)
+    base_index, base_index_path = _hash_index(dest, manifest)
     orphans = orphan_shards(dest, manifest)
     if orphans:
         log.warning(
-            "%d shard files under %s are not in the manifest (left by an interrupted run) and are ignored; "
-            "they can be deleted",
+            "%d shard files under %s are not in the manifest (left by an interrupted or a running ingest) and are "
+            "ignored; `ddcolor gc %s` removes them once they are old enough",
             len(orphans),
             storage.join(dest, SHARDS_DIR),
+            dest,
         )
-    inputs, skipped = _list_inputs(source)
     old_shards = list((manifest or {}).get("shards", []))
     log.info(
-        "ingest %s -> %s: %d image files (%d other files skipped); dataset has %d rows in %d shards; %s",
+        "ingest %s -> %s: dataset has %d rows in %d shards; jobs run on %s",
         source,
         dest,
-        len(inputs),
-        skipped,
-        len(known),
+        len(base_index),
         len(old_shards),
-        f"{workers} workers" if map_batches is None else f"batches mapped by {_name(map_batches)}",
+        mapper if map_batches is None else _name(map_batches),
     )
-
-    if not inputs:
+    report = IngestReport(dataset_uri=dest)
+    bar = tqdm(unit="img", desc="ingest", disable=not progress, dynamic_ncols=True)
+    run = _Run(
+        dest=dest,
+        cfg=cfg,
+        params=PrepareParams(cfg.size, cfg.resize_mode, cfg.max_image_pixels, cfg.val_fraction, cfg.min_colorfulness),
+        mapper=mapper,
+        batch_size=batch_size or MAP_BATCH,
+        known_index=storage.join(dest, base_index_path) if base_index_path else None,
+        first_shard=len(old_shards),
+        ingested_at=datetime.now(UTC),
+        report=report,
+        bar=bar,
+    )
+    with bar, logging_redirect_tqdm() if progress else contextlib.nullcontext():
+        inputs = _iter_inputs(source, report)
+        with mapper_session(mapper):
+            window = list(islice(inputs, LIST_WINDOW))
+            while window:
+                following = list(islice(inputs, LIST_WINDOW))  # listed ahead: is this window the last one?
+                run.hash_window(window)
+                run.write_shards(final=not following)
+                window = following
+    if not report.inputs:
         log.warning("no image files under %s (extensions: %s)", source, ", ".join(sorted(IMAGE_EXTENSIONS)))
-    report = IngestReport(dataset_uri=dest, inputs=len(inputs), skipped=skipped)
-    params = PrepareParams(cfg.size, cfg.resize_mode, cfg.max_image_pixels)
-    seen: set[str] = set(known)
-    new_hashes: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="ddcolor-ingest-") as tmp:
-        writer = _ShardWriter(dest, len(old_shards), cfg.shard_rows, cfg.size, Path(tmp), ingested_at)
-        bar = tqdm(total=len(inputs), unit="img", desc="ingest", disable=not progress, dynamic_ncols=True)
-        if map_batches is None:
-            outcomes = _outcomes(inputs, params, known, workers)
-        else:
-            outcomes = _mapped_outcomes(inputs, params, known, map_batches, batch_size or MAP_BATCH, dest)
-        # closing(): on a failure the worker pool stops now, not when the traceback is collected
-        with bar, contextlib.closing(outcomes), logging_redirect_tqdm() if progress else contextlib.nullcontext():
-            for outcome in outcomes:
-                bar.update(1)
-                if outcome.kind == "duplicate" or (outcome.kind == "row" and outcome.sha256 in seen):
-                    report.duplicates += 1
-                    log.debug("duplicate: %s (%s)", outcome.uri, outcome.sha256)
-                elif outcome.kind == "quarantine":
-                    report.quarantined.append(QuarantineEntry(outcome.uri, outcome.sha256, outcome.reason))
-                    log.warning("quarantined %s: %s", outcome.uri, outcome.reason)
-                else:
-                    seen.add(outcome.sha256)
-                    new_hashes.add(outcome.sha256)
-                    writer.add(
-                        outcome,
-                        split_for(outcome.sha256, cfg.val_fraction),
-                        outcome.colorfulness < cfg.min_colorfulness,
-                    )
-                    report.ingested += 1
-            writer.close()
 
-    # commit: quarantine first, manifest last (atomic), so a reader never sees a half-written dataset
-    _update_quarantine(dest, report.quarantined, new_hashes, ingested_at)
-    shards = old_shards + writer.entries
-    if writer.entries or manifest is None:
-        storage.write_json(storage.join(dest, MANIFEST_NAME), _manifest(cfg, shards))
-    report.new_shards = [e["path"] for e in writer.entries]
-    report.total_rows = sum(s["rows"] for s in shards)
+    _commit(run, manifest)
     report.seconds = time.monotonic() - started
-    assert report.balanced, report
+    assert report.balanced, report  # an invariant of the bookkeeping above, not a check of input
     log.info(
         "ingest done: %d inputs = %d ingested + %d duplicates + %d quarantined; %d rows in %s",
         report.inputs,
@@ -850,23 +484,105 @@ def ingest(
     return report
 
 
-def _update_quarantine(dest: str, new: Sequence[QuarantineEntry], ingested: set[str], when: datetime) -> None:
-    existing = load_quarantine(dest)
-    entries = [e for e in existing if e.get("sha256") not in ingested]
-    keys = {(e.get("source_uri"), e.get("sha256")) for e in entries}
-    for q in new:
-        if (q.source_uri, q.sha256) not in keys:
-            keys.add((q.source_uri, q.sha256))
-            entries.append(
-                {
-                    "source_uri": q.source_uri,
-                    "sha256": q.sha256,
-                    "reason": q.reason,
-                    "quarantined_at": when.isoformat(timespec="seconds"),
-                }
-            )
-    if entries != existing or (not existing and not storage.exists(storage.join(dest, QUARANTINE_NAME))):
-        storage.write_json(
-            storage.join(dest, QUARANTINE_NAME),
-            {"format": QUARANTINE_FORMAT, "format_version": FORMAT_VERSION, "entries": entries},
+def _name(obj: object) -> str:
+    return getattr(obj, "__qualname__", None) or repr(obj)
+
+
+# --- the commit ------------------------------------------------------------------------------------------
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _commit(run: _Run, base: dict[str, Any] | None) -> None:
+    """Quarantine first, then the hash index and the manifest last, each merged with whatever another run committed
+    meanwhile (`ddcolor.storage.update_bytes`); rows another run committed first are dropped from this run's shards.
+    """
+    dest, report = run.dest, run.report
+    written = {h for result in run.results for h in result.hashes}
+
+    def change_quarantine(current: bytes | None) -> bytes | None:
+        existing = _parse_quarantine(dest, current)
+        merged = merge_quarantine(existing, report.quarantined, written, run.ingested_at)
+        return None if existing is not None and merged == existing else _json_bytes(merged)
+
+    storage.update_bytes(storage.join(dest, QUARANTINE_NAME), change_quarantine)
+
+    base_paths = {s["path"] for s in (base or {}).get("shards", [])}
+
+    def change_manifest(current_bytes: bytes | None) -> bytes | None:
+        current = _parse_manifest(dest, current_bytes)
+        if base is not None and current is None:
+            raise IngestError(f"{storage.join(dest, MANIFEST_NAME)}: removed while this ingest ran; rerun it")
+        _check_compatible(current, run.cfg, dest)
+        shards = list((current or {}).get("shards", []))
+        if any(s["path"] not in base_paths for s in shards):  # another run committed meanwhile
+            _drop_rows_committed_by_others(run, current)
+        entries = [r.entry for r in run.results if r.entry is not None]
+        if current is not None and not entries:
+            return None  # nothing to add: the manifest stays byte for byte
+        index, _ = _hash_index(dest, current)
+        ours = HashIndex.from_hex(h for r in run.results if r.entry is not None for h in r.hashes)
+        relative = write_hash_index(dest, index.union(ours)) if len(index) + len(ours) else None
+        return _json_bytes(build_manifest(run.cfg.model_dump(), shards + entries, relative))
+
+    final = _parse_manifest(dest, storage.update_bytes(storage.join(dest, MANIFEST_NAME), change_manifest)) or {}
+    ours = {r.entry["path"] for r in run.results if r.entry is not None}
+    report.new_shards = [s["path"] for s in final.get("shards", []) if s["path"] in ours]
+    report.total_rows = sum(s["rows"] for s in final.get("shards", []))
+
+
+def _parse_manifest(dest: str, data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    uri = storage.join(dest, MANIFEST_NAME)
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:
+        raise IngestError(f"{uri}: cannot read dataset manifest: not JSON ({err})") from None
+    problem = format_problem(manifest) or shards_problem(manifest)
+    if problem:
+        raise IngestError(f"{uri}: {problem}")
+    return manifest
+
+
+def _parse_quarantine(dest: str, data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    uri = storage.join(dest, QUARANTINE_NAME)
+    try:
+        parsed = json.loads(data)
+    except ValueError as err:
+        raise IngestError(f"{uri}: not JSON ({err})") from None
+    if not isinstance(parsed, dict) or parsed.get("format") != QUARANTINE_FORMAT:
+        raise IngestError(f"{uri}: not a {QUARANTINE_FORMAT} file")
+    return parsed
+
+
+def _drop_rows_committed_by_others(run: _Run, current: dict[str, Any] | None) -> None:
+    """Rewrite this run's shards without the rows whose content another run committed first (counted as
+    duplicates then); a shard left empty is dropped. The replaced files are this run's own, never listed: deleted."""
+    import pyarrow.parquet as pq
+
+    committed, _ = _hash_index(run.dest, current)
+    for i, result in enumerate(run.results):
+        overlap = {h for h in result.hashes if h in committed}
+        if result.entry is None or not overlap:
+            continue
+        old_uri = storage.join(run.dest, result.entry["path"])
+        with storage.open_input_file(old_uri) as fh:
+            table = pq.read_table(fh)
+        fields = ("sha256", "source_uri", "split", "L", "ab", "colorfulness", "low_colorfulness")
+        kept = (ShardRow(*(r[f] for f in fields)) for r in table.to_pylist() if r["sha256"] not in overlap)
+        number = int(result.entry["path"].split("-")[1])  # shards/part-<number>-<hash8>.parquet
+        entry, hashes = upload_shard(run.dest, number, kept, run.cfg.size, run.ingested_at)
+        storage.delete(old_uri)
+        run.results[i] = ShardResult(result.index, entry, hashes, result.quarantined)
+        run.report.ingested -= len(overlap)
+        run.report.duplicates += len(overlap)
+        log.info(
+            "%d rows of %s were committed by another ingest meanwhile: dropped (counted as duplicates)",
+            len(overlap),
+            old_uri,
         )

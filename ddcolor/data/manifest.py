@@ -9,6 +9,7 @@ Layout of a dataset at DEST (a local folder or ``s3://`` prefix)::
     manifest.json                       # the dataset: written last, atomically; lists every shard
     quarantine.json                     # rejected inputs with reasons, accumulated across runs
     shards/part-00000-<hash8>.parquet   # rows in `ddcolor.data.shards.SHARD_SCHEMA`; hash8 = file sha256[:8]
+    hash-index/<hash16>.bin             # sorted sha256 digests of all rows (`ddcolor.data.hash_index`)
 
 Manifest (``format_version`` 1)::
 
@@ -16,7 +17,17 @@ Manifest (``format_version`` 1)::
      "config": {"size": 256, "resize_mode": "resize", "val_fraction": 0.05, "min_colorfulness": 15.0},
      "shards": [{"path": "shards/part-00000-1a2b3c4d.parquet", "rows": 1024, "bytes": 123, "sha256": "<hex>",
                  "splits": {"train": 970, "val": 54}, "low_colorfulness": 12}],
-     "counts": {"rows": 1024, "train": 970, "val": 54, "low_colorfulness": 12, "shards": 1}}
+     "counts": {"rows": 1024, "train": 970, "val": 54, "low_colorfulness": 12, "shards": 1},
+     "hash_index": "hash-index/0123456789abcdef.bin"}
+
+``hash_index`` is optional (manifests written before it existed lack it; readers rebuild it from the shards).
+The shard number in a file name is the shard's position when it was written; two runs that commit at the same time
+can both write a ``part-00007-…`` (their hashes differ), and the manifest's order is the dataset's order.
+
+Commits: a run writes its shards first, then updates ``quarantine.json`` and last ``manifest.json``, each with
+`ddcolor.storage.update_bytes` (S3 conditional writes / a folder lock): two runs that ingest into one dataset at
+the same time never lose a shard or double a row; the later one re-reads the manifest and drops rows the other
+added first.
 
 Readers use only the shards the manifest lists: a shard left by an interrupted run is an *orphan*
 (`orphan_shards`), ignored (and logged). The sha256 of the manifest's bytes (`manifest_sha256`) identifies the
@@ -31,6 +42,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ddcolor import storage
@@ -47,9 +61,12 @@ __all__ = [
     "QUARANTINE_NAME",
     "SHARDS_DIR",
     "ManifestError",
+    "QuarantineEntry",
+    "build_manifest",
     "format_problem",
     "manifest_sha256",
     "manifest_uri",
+    "merge_quarantine",
     "orphan_shards",
     "read_manifest",
     "schema_problems",
@@ -62,6 +79,7 @@ FORMAT_VERSION = 1
 SHARDS_DIR = "shards"
 QUARANTINE_NAME = "quarantine.json"
 QUARANTINE_FORMAT = "ddcolor-quarantine"  # its format_version is FORMAT_VERSION too
+CONFIG_KEYS = ("size", "resize_mode", "val_fraction", "min_colorfulness")  # data.* settings a dataset is built with
 
 
 class ManifestError(DDColorError, ValueError):
@@ -174,3 +192,58 @@ def orphan_shards(dataset_uri: str, manifest: dict[str, Any] | None) -> list[str
     listed = {entry["path"] for entry in (manifest or {}).get("shards", [])}
     relative = (f"{SHARDS_DIR}/" + uri[len(base) :].replace("\\", "/").lstrip("/") for uri in found)
     return sorted(path for path in relative if path not in listed)
+
+
+def build_manifest(
+    config: dict[str, Any], shards: Sequence[dict[str, Any]], hash_index: str | None = None
+) -> dict[str, Any]:
+    """A manifest for ``shards`` (entries as in the module docstring) built with the ``data.*`` settings ``config``
+    (`CONFIG_KEYS`), with counts summed from the entries and ``created_at`` = now."""
+    counts = {
+        "rows": sum(s["rows"] for s in shards),
+        "train": sum(s["splits"]["train"] for s in shards),
+        "val": sum(s["splits"]["val"] for s in shards),
+        "low_colorfulness": sum(s["low_colorfulness"] for s in shards),
+        "shards": len(shards),
+    }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {k: config[k] for k in CONFIG_KEYS},
+        "shards": list(shards),
+        "counts": counts,
+    }
+    if hash_index is not None:
+        manifest["hash_index"] = hash_index
+    return manifest
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """An input that was not ingested, and why. sha256: of its bytes (None: it could not be read)."""
+
+    source_uri: str
+    sha256: str | None
+    reason: str
+
+
+def merge_quarantine(
+    current: dict[str, Any] | None, new: Sequence[QuarantineEntry], ingested: set[str], when: datetime
+) -> dict[str, Any]:
+    """The quarantine file after a run: ``current``'s entries minus content now ingested, plus ``new`` entries not
+    already there (one per (source_uri, sha256)), stamped ``when``."""
+    entries = [e for e in (current or {}).get("entries", []) if e.get("sha256") not in ingested]
+    keys = {(e.get("source_uri"), e.get("sha256")) for e in entries}
+    for q in new:
+        if (q.source_uri, q.sha256) not in keys:
+            keys.add((q.source_uri, q.sha256))
+            entries.append(
+                {
+                    "source_uri": q.source_uri,
+                    "sha256": q.sha256,
+                    "reason": q.reason,
+                    "quarantined_at": when.isoformat(timespec="seconds"),
+                }
+            )
+    return {"format": QUARANTINE_FORMAT, "format_version": FORMAT_VERSION, "entries": entries}

@@ -1,4 +1,5 @@
-"""The Lab Parquet shard format: one row per image, written by ingestion, read by validation and the loader.
+"""The Lab Parquet shard format: one row per image, written by ingestion (`write_shard_file`), read by validation
+and the loader.
 
 Storage choice (per pixel: 1 byte L + 2 bytes ab = 3 bytes, the same as the 8-bit sRGB source):
 - `L` is uint8, L* scaled by 255/100 and rounded: step 0.39 L* units (max error 0.2), finer than the
@@ -18,6 +19,11 @@ shards ingested on an AVX2 and an AMX machine differed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -28,11 +34,14 @@ __all__ = [
     "AB_MAX",
     "AB_MIN",
     "L_SCALE",
+    "ROW_GROUP_ROWS",
     "SHARD_SCHEMA",
     "SPLITS",
+    "ShardRow",
     "decode_lab",
     "encode_lab",
     "split_for",
+    "write_shard_file",
 ]
 
 L_SCALE = 255.0 / 100.0  # stored L = round(L* x L_SCALE)
@@ -92,3 +101,77 @@ def decode_lab(l_bytes: bytes, ab_bytes: bytes, height: int, width: int) -> tupl
     lightness = np.frombuffer(l_bytes, dtype=np.uint8).reshape(1, height, width).astype(np.float32) / L_SCALE
     ab = np.frombuffer(ab_bytes, dtype=np.int8).reshape(2, height, width).astype(np.float32)
     return lightness, ab
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+ROW_GROUP_ROWS = 64  # rows per Parquet row group: small enough to stream, large enough to compress
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """One row of `SHARD_SCHEMA` before it is written (height = width = the shard's size)."""
+
+    sha256: str
+    source_uri: str
+    split: str
+    L: bytes
+    ab: bytes
+    colorfulness: float
+    low_colorfulness: bool
+
+
+def write_shard_file(path: str | Path, rows: Iterable[ShardRow], size: int, ingested_at: datetime) -> int:
+    """Stream ``rows`` into a Parquet shard at local ``path`` (zstd, row groups of `ROW_GROUP_ROWS`, statistics on
+    the small columns); at most one row group is held in memory. Returns the number of rows written (0: no file).
+
+    The bytes depend only on the rows, ``size`` and ``ingested_at``: the same inputs give the same file (and so the
+    same content hash) on any machine and in any process.
+    """
+    import pyarrow.parquet as pq
+
+    writer: pq.ParquetWriter | None = None
+    written = 0
+    batch: list[ShardRow] = []
+
+    def flush() -> None:
+        nonlocal writer
+        if writer is None:
+            writer = pq.ParquetWriter(
+                str(path),
+                SHARD_SCHEMA,
+                compression="zstd",
+                use_dictionary=["split"],
+                write_statistics=["sha256", "split", "height", "width", "colorfulness", "low_colorfulness"],
+            )
+        n = len(batch)
+        table = pa.Table.from_pydict(
+            {
+                "sha256": [r.sha256 for r in batch],
+                "source_uri": [r.source_uri for r in batch],
+                "split": [r.split for r in batch],
+                "height": [size] * n,
+                "width": [size] * n,
+                "L": [r.L for r in batch],
+                "ab": [r.ab for r in batch],
+                "colorfulness": [r.colorfulness for r in batch],
+                "low_colorfulness": [r.low_colorfulness for r in batch],
+                "ingested_at": [ingested_at] * n,
+            },
+            schema=SHARD_SCHEMA,
+        )
+        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        batch.clear()
+
+    try:
+        for row in rows:
+            batch.append(row)
+            written += 1
+            if len(batch) >= ROW_GROUP_ROWS:
+                flush()
+        if batch:
+            flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    return written

@@ -194,7 +194,7 @@ def test_ingest_fans_out_on_the_process_task_runner_with_the_same_dataset(prefec
         return [r for r in task_runs(state) if r.name.startswith(prefix)]
 
     hashed, shards = named(fanned, "hash-batch"), named(fanned, "write-shard")
-    assert len(hashed) == 4 and len(shards) == 1  # 11 unique files (the broken one too), data.shard_rows = 1024
+    assert len(hashed) == 4 and len(shards) == 3  # 11 unique files (the broken one too), data.shard_rows = 4
     assert all(r.state.is_completed() for r in hashed + shards)
     assert not named(local, "hash-batch") and not named(local, "write-shard")
 
@@ -202,7 +202,7 @@ def test_ingest_fans_out_on_the_process_task_runner_with_the_same_dataset(prefec
     assert threaded.is_completed() and dataset_content(str(tmp_path / "threaded")) == dataset_content(
         str(tmp_path / "local")
     )
-    assert (len(named(threaded, "hash-batch")), len(named(threaded, "write-shard"))) == (4, 1)
+    assert (len(named(threaded, "hash-batch")), len(named(threaded, "write-shard"))) == (4, 3)
 
 
 def test_unknown_ingest_task_runner_fails_the_flow_before_any_work(flow, tmp_path):

@@ -356,9 +356,7 @@ def test_a_dask_worker_killed_mid_ingest_loses_nothing(prefect_server, raw_image
 
         @flow(name="ingest-with-a-kill")
         def run(dest: str):
-            mapper = fanout.TaskRunnerMapper(
-                DaskTaskRunner(address=address), retries=2, on_result=kill_after_two
-            )
+            mapper = fanout.TaskRunnerMapper(DaskTaskRunner(address=address), retries=2, on_result=kill_after_two)
             return ingest(raw_images, dest, cfg, map_batches=mapper, batch_size=1)
 
         report = run(str(tmp_path / "dask"))

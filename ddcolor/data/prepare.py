@@ -1,0 +1,168 @@
+"""Image preparation for ingestion: file bytes -> one shard row (Lab bytes and colorfulness) or a reason to reject.
+
+Pure per-image work, no storage and no dataset: `ddcolor.data.ingest_jobs` runs it on workers. The steps: decode
+to 8-bit sRGB straight from the bytes (EXIF orientation, ICC -> sRGB, the decompression-bomb guard;
+`ddcolor.imageio.read_rgb8_image`), reject images under `MIN_SIDE`, resize to ``data.size`` (`prepare_image`),
+encode Lab in the shard encoding (`ddcolor.data.shards.encode_lab`, by look-up table once it pays:
+`ddcolor.data.lab_lut`), and measure colorfulness on the stored image (`colorfulness_u8`).
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ddcolor.color import CF_MEAN_WEIGHT
+from ddcolor.data.lab_lut import LabEncoder
+from ddcolor.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, read_rgb8_image, to_uint
+
+__all__ = [
+    "DRAFT_FACTOR",
+    "MIN_SIDE",
+    "PrepareParams",
+    "PreparedRow",
+    "colorfulness_u8",
+    "decode_image_bytes",
+    "prepare_image",
+    "prepare_row",
+]
+
+MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotation) are quarantined
+
+#: JPEG draft decoding (`ddcolor.imageio.read_rgb8`: 1/2, 1/4 or 1/8 scale in the DCT domain, keeping >= this
+#: factor x the target side) is OFF (0): measured on 2048- and 4000-px JPEGs to 256 px it is 3-10x faster, but moves
+#: stored values by up to 1.2 L* and 3 ab (mean 0.06 L*, 0.15 ab), more than the shard quantisation tolerance
+#: (0.2 L*, 0.5 ab) that ingestion promises relative to a full decode. 2 is the setting that was measured.
+DRAFT_FACTOR = 0
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """How a worker prepares an image, from ``params.yaml``'s ``data`` section.
+
+    Attributes:
+        size: output side, px (``data.size``). resize_mode: ``data.resize_mode``. max_pixels: the decode bomb guard
+        (``data.max_image_pixels``; None: no limit). val_fraction: ``data.val_fraction`` (the split is a function of
+        the content hash). min_colorfulness: ``data.min_colorfulness`` (rows below it are flagged, not dropped).
+    """
+
+    size: int
+    resize_mode: str
+    max_pixels: int | None
+    val_fraction: float = 0.0
+    min_colorfulness: float = 0.0
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """One image ready for a shard. L, ab: `ddcolor.data.shards.encode_lab` bytes of the (size, size) image;
+    colorfulness: Hasler-Suesstrunk CF of that image (0..255 RGB)."""
+
+    L: bytes
+    ab: bytes
+    colorfulness: float
+
+
+def _ingest_reason(reason: str) -> str:
+    """imageio's reasons mention the colorize CLI's --max-pixels; here the knob is data.max_image_pixels."""
+    return reason.replace("Raise --max-pixels (0 = no limit)", "Raise data.max_image_pixels (null = no limit)").replace(
+        "--max-pixels limit", "data.max_image_pixels limit"
+    )
+
+
+def decode_image_bytes(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
+    """Decode image file bytes exactly like `ddcolor.imageio.read_image` (EXIF orientation, ICC -> sRGB).
+
+    Args:
+        data: the file content. name: its name (for the extension and messages). max_pixels: bomb guard.
+
+    Returns:
+        float32 (H, W, 3) sRGB in [0, 1], upright.
+
+    Raises:
+        ImageReadError: with the same reasons as `read_image`.
+    """
+    suffix = Path(name).suffix if Path(name).suffix.lower() in IMAGE_EXTENSIONS else ".img"
+    with tempfile.TemporaryDirectory(prefix="ddcolor-decode-") as tmp:
+        path = Path(tmp) / f"input{suffix}"
+        path.write_bytes(data)
+        try:
+            return read_image(path, max_pixels).rgb
+        except ImageReadError as err:
+            raise ImageReadError(name, err.reason) from None
+
+
+def prepare_image(rgb: np.ndarray | Image.Image, size: int, resize_mode: str) -> np.ndarray:
+    """float or uint8 (H, W, 3) sRGB (float in [0, 1]), or an RGB PIL image -> uint8 (size, size, 3) sRGB.
+
+    ``resize``: direct resize to size x size (the official recipe; aspect ratio not kept). ``center_crop``: the
+    short side to ``size`` (aspect kept), then the central size x size square. Antialiased bicubic resampling.
+    """
+    if isinstance(rgb, Image.Image):
+        im = rgb
+    else:
+        im = Image.fromarray(to_uint(rgb, 8), mode="RGB") if rgb.dtype != np.uint8 else Image.fromarray(rgb)
+    width, height = im.size
+    if resize_mode == "resize":
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    elif resize_mode == "center_crop":
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    else:
+        raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'resize' or 'center_crop'")
+    return np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
+
+
+def colorfulness_u8(img: np.ndarray) -> float:
+    """`ddcolor.color.colorfulness_np` of a uint8 (H, W, 3) RGB image in one integer pass (same value to ~1e-12).
+
+    rg = |R - G| and 2 yb = |R + G - 2B| are small integers, so their sums and sums of squares are exact; mean and
+    population variance follow from them with one rounding each (Python integers), instead of two-pass float64
+    statistics.
+    """
+    pixels = img.reshape(-1, 3).astype(np.int32)
+    rg = np.abs(pixels[:, 0] - pixels[:, 1])
+    yb2 = np.abs(pixels[:, 0] + pixels[:, 1] - 2 * pixels[:, 2])  # 2 * yb
+    n = rg.size
+    # squares fit int32 (<= 510^2), sums are taken in int64; no BLAS (its threads spin on a busy machine)
+    s_rg, s_yb2 = int(rg.sum(dtype=np.int64)), int(yb2.sum(dtype=np.int64))
+    q_rg, q_yb2 = int((rg * rg).sum(dtype=np.int64)), int((yb2 * yb2).sum(dtype=np.int64))
+    # n^2 var = n sum(x^2) - sum(x)^2, exactly; yb = yb2 / 2, so its moments take a factor 4
+    var = (n * q_rg - s_rg * s_rg) / n**2 + (n * q_yb2 - s_yb2 * s_yb2) / (4 * n**2)
+    mean2 = (s_rg / n) ** 2 + (s_yb2 / (2 * n)) ** 2
+    return float(np.sqrt(var) + CF_MEAN_WEIGHT * np.sqrt(mean2))
+
+
+@functools.cache
+def lab_encoder() -> LabEncoder:
+    """This process's shard Lab encoder (`encode_lab` bytes; by table once enough images were encoded)."""
+    return LabEncoder()
+
+
+def prepare_row(data: bytes, name: str, params: PrepareParams) -> PreparedRow | str:
+    """An image file's bytes -> its shard row, or the reason it is rejected (a bad file is never an exception).
+
+    Args:
+        data: the file content. name: its URI (for the format and messages). params: sizes and limits.
+    """
+    try:
+        # straight from the bytes to 8-bit sRGB: no second read, no float32 copy
+        rgb = read_rgb8_image(data, name, params.max_pixels, draft_side=DRAFT_FACTOR * params.size)
+        width, height = rgb.size
+        if min(height, width) < MIN_SIDE:
+            return f"too small: {width}x{height} px; need at least {MIN_SIDE} px a side"
+        img = prepare_image(rgb, params.size, params.resize_mode)
+        lightness, ab = lab_encoder()(img)  # == encode_lab(img)
+        return PreparedRow(lightness, ab, colorfulness_u8(img))
+    except ImageReadError as err:
+        return _ingest_reason(err.reason)
+    except Exception as err:  # one bad file never stops the run
+        return f"cannot decode ({type(err).__name__}: {err})"
