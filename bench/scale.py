@@ -5,7 +5,7 @@
 
 Workloads (random-color photos written to a temporary folder; a random-init atto model for colorization):
 
-    ingest    ``ddcolor.data.ingest.ingest`` of ``--images`` 256x192 PNGs into a fresh dataset (data.size = --size,
+    ingest    ``ddcolor.data.ingest.ingest`` of ``--images`` 64x48 PNGs into a fresh dataset (data.size = --size,
               data.shard_rows = 8, so that there are shards for every worker): hash jobs of 8 files, then one
               write-shard job per shard (decode, resize, Lab-encode, write the shard to DEST). local = its own
               process pool (``num_workers``); dask / ray = ``map_batches`` over the engine.
