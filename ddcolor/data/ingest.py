@@ -461,11 +461,16 @@ def ingest(
         inputs = _iter_inputs(source, report)
         with mapper_session(mapper):
             window = list(islice(inputs, LIST_WINDOW))
+            listed = len(window)
             while window:
                 following = list(islice(inputs, LIST_WINDOW))  # listed ahead: is this window the last one?
+                if not following:  # the listing is complete: the bar gets its total
+                    bar.total = listed
+                    bar.refresh()
                 run.hash_window(window)
                 run.write_shards(final=not following)
                 window = following
+                listed += len(window)
     if not report.inputs:
         log.warning("no image files under %s (extensions: %s)", source, ", ".join(sorted(IMAGE_EXTENSIONS)))
 
