@@ -381,16 +381,19 @@ def read_rgb8_image(
         if draft_side > 0 and fmt == "JPEG" and min(im.size) >= 2 * draft_side:
             im.draft(None, (draft_side, draft_side))
         im.load()
-        upright = ImageOps.exif_transpose(im)
-        if upright.mode not in ("L", "RGB", "CMYK"):  # palette, alpha, 16-bit, ...: the general path
-            rgb, _, _ = pil_to_float(upright)
+        # in place: without an orientation tag the copy exif_transpose would return is one full frame for nothing
+        ImageOps.exif_transpose(im, in_place=True)
+        if im.mode not in ("L", "RGB", "CMYK"):  # palette, alpha, 16-bit, ...: the general path
+            rgb, _, _ = pil_to_float(im)
             return Image.fromarray(to_uint(rgb, 8), mode="RGB")
+        upright = im
         icc = upright.info.get("icc_profile")
         if icc:
             upright = _to_srgb(upright, icc) or upright
         if upright.mode != "RGB":
             upright = upright.convert("RGB")  # gray: three equal channels; CMYK without a usable profile: naive
-        return upright if upright is not im else im.copy()  # closing `im` discards its pixels
+        # leaving `with Image.open(...)` closes the file only (Image.close(), never called here, drops the pixels)
+        return upright
 
 
 # --- writing ---------------------------------------------------------------------------------------------

@@ -7,12 +7,16 @@ encoding is per pixel, so it is a pure function of the 8-bit color: this module 
 `encode_lab` on this machine, by construction: the table is built by `encode_lab` itself, and every load checks it
 against `encode_lab` on 4,096 fixed colors, so a table from older code is never used.
 
+The table is indexed by the packed pixel ``R | G << 8 | B << 16``: the little-endian 32-bit value of a pixel in
+PIL's internal RGBX layout with its pad byte masked (`pack_rgb`, `ddcolor.data.prepare.packed_pixels`), so that
+ingestion goes from a resized PIL image to table indices with one byte copy and one mask, no per-channel shifts.
+
 Cost: 64 MiB (2^24 entries of 4 bytes: L, a, b and a pad byte, so that one look-up is one aligned 32-bit load;
 three separate planes were twice as slow), about 2-3 s of one core to build. The table is cached on disk, in
 ``$DDCOLOR_CACHE_DIR/lab_lut`` (default ``~/.cache/ddcolor/lab_lut``), under a key made of the source code of
-`ddcolor.data.shards` and `ddcolor.color` and the numpy and torch versions, and memory-mapped (worker processes
-share the page cache). Without a cached table, `LabEncoder` encodes directly and builds the table only after
-``build_after`` images in one process, so a small ingest never pays for it.
+`ddcolor.data.shards` and `ddcolor.color`, the numpy and torch versions and the table's layout, and memory-mapped
+(worker processes share the page cache). Without a cached table, `LabEncoder` encodes directly and builds the table
+only after ``build_after`` images in one process, so a small ingest never pays for it.
 """
 
 from __future__ import annotations
@@ -28,12 +32,29 @@ import numpy as np
 from ddcolor import storage
 from ddcolor.data import shards
 
-__all__ = ["LabEncoder", "build_table", "cache_path", "load_or_build"]
+__all__ = ["LabEncoder", "build_table", "cache_path", "load_or_build", "pack_rgb", "unpack_rgb"]
 
 log = logging.getLogger(__name__)
 
 _COLORS = 1 << 24
-_CHUNK_RED = 16  # red values per build chunk: 16 x 256 x 256 colors, ~100 MB of float64 temporaries
+_CHUNK_BLUE = 16  # blue values per build chunk: 16 x 256 x 256 colors, ~100 MB of float64 temporaries
+_LAYOUT = "index R | G << 8 | B << 16; entry L, a, b, 0"  # part of the cache key: a new layout is a new file
+_PIXEL_MASK = 0xFFFFFF  # the R, G, B bytes of a packed pixel (the top byte is PIL's pad)
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) sRGB -> int32 (H*W,) packed pixels ``R | G << 8 | B << 16`` (the table's index)."""
+    flat = rgb.reshape(-1, 3)
+    packed = flat[:, 2].astype(np.int32) << 16
+    packed |= flat[:, 1].astype(np.int32) << 8
+    packed |= flat[:, 0]
+    return packed
+
+
+def unpack_rgb(pixels: np.ndarray) -> np.ndarray:
+    """int32 (N,) packed pixels (any top byte) -> uint8 (N, 1, 3) sRGB, the layout `encode_lab` takes."""
+    rgb = np.stack([pixels & 255, (pixels >> 8) & 255, (pixels >> 16) & 255], axis=-1)
+    return rgb.astype(np.uint8).reshape(-1, 1, 3)
 
 
 def cache_path() -> Path:
@@ -43,7 +64,7 @@ def cache_path() -> Path:
     from ddcolor import color
 
     digest = hashlib.sha256()
-    for part in (inspect.getsource(shards), inspect.getsource(color), np.__version__, torch.__version__):
+    for part in (inspect.getsource(shards), inspect.getsource(color), np.__version__, torch.__version__, _LAYOUT):
         digest.update(part.encode())
     root = os.environ.get("DDCOLOR_CACHE_DIR")
     folder = (Path(root) if root else Path.home() / ".cache" / "ddcolor") / "lab_lut"
@@ -51,17 +72,14 @@ def cache_path() -> Path:
 
 
 def build_table() -> np.ndarray:
-    """(2^24, 4) uint8: stored L, a (int8 bits), b (int8 bits), 0 of `encode_lab` for color r<<16 | g<<8 | b."""
+    """(2^24, 4) uint8: stored L, a (int8 bits), b (int8 bits), 0 of `encode_lab` for color R | G << 8 | B << 16."""
     table = np.zeros((_COLORS, 4), dtype=np.uint8)
-    gb = np.arange(1 << 16, dtype=np.uint32)
-    for red in range(0, 256, _CHUNK_RED):
-        index = (np.arange(red, red + _CHUNK_RED, dtype=np.uint32)[:, None] << 16 | gb[None, :]).reshape(-1)
-        rgb = np.stack([index >> 16, (index >> 8) & 255, index & 255], axis=-1).astype(np.uint8)
-        l_bytes, ab_bytes = shards.encode_lab(rgb.reshape(_CHUNK_RED * 256, 256, 3))
-        n = index.size
-        table[index, 0] = np.frombuffer(l_bytes, dtype=np.uint8)
-        ab = np.frombuffer(ab_bytes, dtype=np.uint8).reshape(2, n)
-        table[index, 1], table[index, 2] = ab[0], ab[1]
+    chunk = _CHUNK_BLUE << 16
+    for start in range(0, _COLORS, chunk):
+        l_bytes, ab_bytes = shards.encode_lab(unpack_rgb(np.arange(start, start + chunk, dtype=np.int32)))
+        table[start : start + chunk, 0] = np.frombuffer(l_bytes, dtype=np.uint8)
+        ab = np.frombuffer(ab_bytes, dtype=np.uint8).reshape(2, chunk)
+        table[start : start + chunk, 1], table[start : start + chunk, 2] = ab[0], ab[1]
     return table
 
 
@@ -75,16 +93,13 @@ def _probe_colors() -> np.ndarray:
 
 def _matches_encode_lab(table: np.ndarray) -> bool:
     probe = _probe_colors()
-    return _lookup(table, probe) == shards.encode_lab(probe)
+    return _lookup(table, pack_rgb(probe)) == shards.encode_lab(probe)
 
 
-def _lookup(table: np.ndarray, rgb: np.ndarray) -> tuple[bytes, bytes]:
-    flat = rgb.reshape(-1, 3)
-    index = flat[:, 0].astype(np.uint32) << 16
-    index |= flat[:, 1].astype(np.uint32) << 8
-    index |= flat[:, 2]
-    # one 32-bit gather per pixel (the view round trip keeps the byte order on any machine)
-    entries = table.view(np.uint32).reshape(-1).take(index).view(np.uint8).reshape(-1, 4)
+def _lookup(table: np.ndarray, pixels: np.ndarray) -> tuple[bytes, bytes]:
+    """int32 (N,) packed pixels -> (L bytes, ab bytes) by table."""
+    # one 32-bit gather per pixel (the view round trip keeps the table's byte order on any machine)
+    entries = table.view(np.uint32).reshape(-1).take(pixels & _PIXEL_MASK).view(np.uint8).reshape(-1, 4)
     return entries[:, 0].tobytes(), entries[:, 1:3].T.tobytes()
 
 
@@ -136,6 +151,11 @@ class LabEncoder:
         """sRGB uint8 (H, W, 3) -> (L bytes, ab bytes), exactly `ddcolor.data.shards.encode_lab`."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             return shards.encode_lab(rgb)  # its error message
+        return self.encode_packed(pack_rgb(rgb))
+
+    def encode_packed(self, pixels: np.ndarray) -> tuple[bytes, bytes]:
+        """int32 (H*W,) packed pixels ``R | G << 8 | B << 16`` (the top byte is ignored), row-major -> (L bytes,
+        ab bytes), exactly `ddcolor.data.shards.encode_lab` of the (H, W, 3) image."""
         if self.table is None:
             build = self.build_after is not None and self.encoded >= self.build_after
             if build or not self._looked:
@@ -143,5 +163,5 @@ class LabEncoder:
                 self._looked = True
         self.encoded += 1
         if self.table is None:
-            return shards.encode_lab(rgb)
-        return _lookup(self.table, rgb)
+            return shards.encode_lab(unpack_rgb(pixels))  # (N, 1, 3): the same row-major bytes as (H, W, 3)
+        return _lookup(self.table, pixels)

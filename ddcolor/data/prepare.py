@@ -2,9 +2,12 @@
 
 Pure per-image work, no storage and no dataset: `ddcolor.data.ingest_jobs` runs it on workers. The steps: decode
 to 8-bit sRGB straight from the bytes (EXIF orientation, ICC -> sRGB, the decompression-bomb guard;
-`ddcolor.imageio.read_rgb8_image`), reject images under `MIN_SIDE`, resize to ``data.size`` (`prepare_image`),
+`ddcolor.imageio.read_rgb8_image`), reject images under `MIN_SIDE`, resize to ``data.size`` (`resize_image`),
 encode Lab in the shard encoding (`ddcolor.data.shards.encode_lab`, by look-up table once it pays:
-`ddcolor.data.lab_lut`), and measure colorfulness on the stored image (`colorfulness_u8`).
+`ddcolor.data.lab_lut`), and measure colorfulness on the stored image (`colorfulness_packed`).
+
+The resized image leaves PIL once, as packed 32-bit pixels (`packed_pixels`: one copy of PIL's own RGBX rows, no
+unpacking to (H, W, 3)); the Lab table look-up and the colorfulness sums both read that one array.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ddcolor.color import CF_MEAN_WEIGHT
-from ddcolor.data.lab_lut import LabEncoder
+from ddcolor.data.lab_lut import LabEncoder, pack_rgb
 from ddcolor.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, read_rgb8_image, to_uint
 
 __all__ = [
@@ -26,10 +29,13 @@ __all__ = [
     "MIN_SIDE",
     "PrepareParams",
     "PreparedRow",
+    "colorfulness_packed",
     "colorfulness_u8",
     "decode_image_bytes",
+    "packed_pixels",
     "prepare_image",
     "prepare_row",
+    "resize_image",
 ]
 
 MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotation) are quarantined
@@ -97,48 +103,79 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int | None) -> np.nda
             raise ImageReadError(name, err.reason) from None
 
 
-def prepare_image(rgb: np.ndarray | Image.Image, size: int, resize_mode: str) -> np.ndarray:
-    """float or uint8 (H, W, 3) sRGB (float in [0, 1]), or an RGB PIL image -> uint8 (size, size, 3) sRGB.
+def resize_image(im: Image.Image, size: int, resize_mode: str) -> Image.Image:
+    """An RGB PIL image -> the (size, size) RGB PIL image a shard stores. Antialiased bicubic resampling.
 
     ``resize``: direct resize to size x size (the official recipe; aspect ratio not kept). ``center_crop``: the
-    short side to ``size`` (aspect kept), then the central size x size square. Antialiased bicubic resampling.
+    short side to ``size`` (aspect kept), then the central size x size square.
     """
-    if isinstance(rgb, Image.Image):
-        im = rgb
-    else:
-        im = Image.fromarray(to_uint(rgb, 8), mode="RGB") if rgb.dtype != np.uint8 else Image.fromarray(rgb)
     width, height = im.size
     if resize_mode == "resize":
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    elif resize_mode == "center_crop":
+        return im.resize((size, size), Image.Resampling.BICUBIC)
+    if resize_mode == "center_crop":
         scale = size / min(width, height)
         new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
         im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - size) // 2, (new_h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        return im.crop((left, top, left + size, top + size))
+    raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'resize' or 'center_crop'")
+
+
+def prepare_image(rgb: np.ndarray | Image.Image, size: int, resize_mode: str) -> np.ndarray:
+    """float or uint8 (H, W, 3) sRGB (float in [0, 1]), or an RGB PIL image -> uint8 (size, size, 3) sRGB
+    (`resize_image`)."""
+    if isinstance(rgb, Image.Image):
+        im = rgb
     else:
-        raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'resize' or 'center_crop'")
-    return np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
+        im = Image.fromarray(to_uint(rgb, 8), mode="RGB") if rgb.dtype != np.uint8 else Image.fromarray(rgb)
+    return np.array(resize_image(im, size, resize_mode), dtype=np.uint8)  # writable (torch.from_numpy warns)
 
 
-def colorfulness_u8(img: np.ndarray) -> float:
-    """`ddcolor.color.colorfulness_np` of a uint8 (H, W, 3) RGB image in one integer pass (same value to ~1e-12).
+def packed_pixels(im: Image.Image) -> np.ndarray:
+    """An RGB PIL image -> int32 (H*W,) packed pixels ``R | G << 8 | B << 16 | pad << 24``, row-major.
+
+    PIL holds RGB as 4 bytes a pixel (R, G, B, pad); ``tobytes("raw", "RGBX")`` copies those rows as they are, and
+    the little-endian 32-bit view puts R in the low byte on any machine. Consumers mask or shift the pad away.
+    """
+    if im.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {im.mode}")
+    return np.frombuffer(im.tobytes("raw", "RGBX"), dtype="<i4")
+
+
+def colorfulness_packed(pixels: np.ndarray) -> float:
+    """`ddcolor.color.colorfulness_np` of an image given as packed pixels (`packed_pixels`), in one integer pass
+    (the same value to ~1e-12).
 
     rg = |R - G| and 2 yb = |R + G - 2B| are small integers, so their sums and sums of squares are exact; mean and
     population variance follow from them with one rounding each (Python integers), instead of two-pass float64
     statistics.
     """
-    pixels = img.reshape(-1, 3).astype(np.int32)
-    rg = np.abs(pixels[:, 0] - pixels[:, 1])
-    yb2 = np.abs(pixels[:, 0] + pixels[:, 1] - 2 * pixels[:, 2])  # 2 * yb
+    red = pixels & 255
+    green = pixels >> 8
+    green &= 255
+    blue = pixels >> 16
+    blue &= 255
+    rg = red - green
+    np.abs(rg, out=rg)
+    yb2 = red + green  # 2 * yb
+    yb2 -= blue
+    yb2 -= blue
+    np.abs(yb2, out=yb2)
     n = rg.size
     # squares fit int32 (<= 510^2), sums are taken in int64; no BLAS (its threads spin on a busy machine)
     s_rg, s_yb2 = int(rg.sum(dtype=np.int64)), int(yb2.sum(dtype=np.int64))
-    q_rg, q_yb2 = int((rg * rg).sum(dtype=np.int64)), int((yb2 * yb2).sum(dtype=np.int64))
+    rg *= rg
+    yb2 *= yb2
+    q_rg, q_yb2 = int(rg.sum(dtype=np.int64)), int(yb2.sum(dtype=np.int64))
     # n^2 var = n sum(x^2) - sum(x)^2, exactly; yb = yb2 / 2, so its moments take a factor 4
     var = (n * q_rg - s_rg * s_rg) / n**2 + (n * q_yb2 - s_yb2 * s_yb2) / (4 * n**2)
     mean2 = (s_rg / n) ** 2 + (s_yb2 / (2 * n)) ** 2
     return float(np.sqrt(var) + CF_MEAN_WEIGHT * np.sqrt(mean2))
+
+
+def colorfulness_u8(img: np.ndarray) -> float:
+    """`ddcolor.color.colorfulness_np` of a uint8 (H, W, 3) RGB image (`colorfulness_packed`)."""
+    return colorfulness_packed(pack_rgb(img))
 
 
 @functools.cache
@@ -159,9 +196,9 @@ def prepare_row(data: bytes, name: str, params: PrepareParams) -> PreparedRow | 
         width, height = rgb.size
         if min(height, width) < MIN_SIDE:
             return f"too small: {width}x{height} px; need at least {MIN_SIDE} px a side"
-        img = prepare_image(rgb, params.size, params.resize_mode)
-        lightness, ab = lab_encoder()(img)  # == encode_lab(img)
-        return PreparedRow(lightness, ab, colorfulness_u8(img))
+        pixels = packed_pixels(resize_image(rgb, params.size, params.resize_mode))
+        lightness, ab = lab_encoder().encode_packed(pixels)  # == encode_lab of the (size, size, 3) image
+        return PreparedRow(lightness, ab, colorfulness_packed(pixels))
     except ImageReadError as err:
         return _ingest_reason(err.reason)
     except Exception as err:  # one bad file never stops the run

@@ -1,8 +1,9 @@
 """The fast ingestion path gives today's stored values: 8-bit decode, the Lab table, one-pass colorfulness, draft.
 
-`ddcolor.data.ingest` decodes with `read_rgb8_image` (no float32 copy), encodes Lab with `LabEncoder` (a 2^24-entry
-table of `encode_lab`) and computes colorfulness with `colorfulness_u8`. Each must give the same values as the
-path it replaced: `read_image` + `to_uint`, `encode_lab`, `colorfulness_np`.
+`ddcolor.data.prepare.prepare_row` decodes with `read_rgb8_image` (no float32 copy), resizes in PIL, takes the
+pixels out once as packed 32-bit values (`packed_pixels`), encodes Lab with `LabEncoder` (a 2^24-entry table of
+`encode_lab`) and computes colorfulness with `colorfulness_packed`. Each must give the same values as the path it
+replaced: `read_image` + `to_uint`, `prepare_image`, `encode_lab`, `colorfulness_np`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,16 @@ import pytest
 from PIL import Image
 
 from ddcolor.color import colorfulness_np
-from ddcolor.data import lab_lut
-from ddcolor.data.prepare import colorfulness_u8, prepare_image
+from ddcolor.data import lab_lut, prepare
+from ddcolor.data.prepare import (
+    PreparedRow,
+    PrepareParams,
+    colorfulness_packed,
+    colorfulness_u8,
+    packed_pixels,
+    prepare_image,
+    prepare_row,
+)
 from ddcolor.data.shards import encode_lab
 from ddcolor.imageio import ImageReadError, read_image, read_rgb8, to_uint
 from tests.helpers.images import make_image_corpus
@@ -48,11 +57,52 @@ def test_colorfulness_u8_equals_colorfulness_np():
     images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in [(1, 1), (7, 5), (256, 256)]]
     images += [np.zeros((64, 64, 3), np.uint8), np.full((1024, 1024, 3), (255, 0, 255), np.uint8)]  # sums > 2^31
     for image in images:
-        assert colorfulness_u8(image) == pytest.approx(colorfulness_np(image), rel=1e-12, abs=1e-12)
+        expected = colorfulness_np(image)
+        assert colorfulness_u8(image) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+        packed = packed_pixels(Image.fromarray(image))  # PIL's pad byte set: it must not count
+        assert colorfulness_packed(packed) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_packed_pixels_round_trip_through_pack_and_unpack():
+    rgb = np.random.default_rng(2).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    packed = packed_pixels(Image.fromarray(rgb))
+    assert packed.shape == (35,) and np.array_equal(packed & 0xFFFFFF, lab_lut.pack_rgb(rgb))
+    assert np.array_equal(lab_lut.unpack_rgb(packed).reshape(5, 7, 3), rgb)
+    with pytest.raises(ValueError, match="RGB image"):
+        packed_pixels(Image.new("L", (4, 4)))
+
+
+def _reference_row(data: bytes, name, params: PrepareParams) -> PreparedRow:
+    """The ingestion row computed the slow, obvious way: decode, resize to (H, W, 3), encode_lab, colorfulness_np."""
+    img = prepare_image(read_rgb8(data, name), params.size, params.resize_mode)
+    lightness, ab = encode_lab(img)
+    return PreparedRow(lightness, ab, colorfulness_np(img))
+
+
+def _assert_rows_match_the_reference(paths, encoder: lab_lut.LabEncoder, monkeypatch) -> None:
+    monkeypatch.setattr(prepare, "lab_encoder", lambda: encoder)
+    for mode, size in [("resize", 48), ("center_crop", 40)]:
+        params = PrepareParams(size=size, resize_mode=mode, max_pixels=None)
+        for path in paths:
+            row, expected = (
+                prepare_row(path.read_bytes(), str(path), params),
+                _reference_row(path.read_bytes(), path, params),
+            )
+            assert isinstance(row, PreparedRow), (path.name, row)
+            assert (row.L, row.ab) == (expected.L, expected.ab), (path.name, mode)
+            assert row.colorfulness == pytest.approx(expected.colorfulness, rel=1e-12, abs=1e-12), path.name
+
+
+def test_prepare_row_without_the_table_equals_the_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDCOLOR_CACHE_DIR", str(tmp_path / "cache"))  # no cached table: the direct encode_lab path
+    corpus = make_image_corpus(tmp_path / "corpus", n_random=2)
+    encoder = lab_lut.LabEncoder(build_after=None)
+    _assert_rows_match_the_reference(corpus.good, encoder, monkeypatch)
+    assert encoder.table is None and encoder.encoded == 2 * len(corpus.good)  # two resize modes
 
 
 @pytest.mark.slow
-def test_lab_table_gives_encode_lab_bytes_and_is_cached(tmp_path, monkeypatch):
+def test_lab_table_gives_encode_lab_bytes_and_rows_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("DDCOLOR_CACHE_DIR", str(tmp_path / "cache"))
     encoder = lab_lut.LabEncoder(build_after=1)
     rng = np.random.default_rng(1)
@@ -64,6 +114,7 @@ def test_lab_table_gives_encode_lab_bytes_and_is_cached(tmp_path, monkeypatch):
     colors = np.stack([every >> 16, (every >> 8) & 255, every & 255], axis=-1).astype(np.uint8)[None]
     assert encoder(colors) == encode_lab(colors)
     assert lab_lut.cache_path().is_file()
+    _assert_rows_match_the_reference(make_image_corpus(tmp_path / "corpus", n_random=2).good, encoder, monkeypatch)
     cached = lab_lut.load_or_build(build=False)  # memory-mapped from the cache
     assert isinstance(cached, np.memmap) and np.array_equal(cached, encoder.table)
     cached_copy = np.array(cached)
