@@ -7,9 +7,10 @@ encoding is per pixel, so it is a pure function of the 8-bit color: this module 
 `encode_lab` on this machine, by construction: the table is built by `encode_lab` itself, and every load checks it
 against `encode_lab` on 4,096 fixed colors, so a table from older code is never used.
 
-The table is indexed by the packed pixel ``R | G << 8 | B << 16``: the little-endian 32-bit value of a pixel in
-PIL's internal RGBX layout with its pad byte masked (`pack_rgb`, `ddcolor.data.prepare.packed_pixels`), so that
-ingestion goes from a resized PIL image to table indices with one byte copy and one mask, no per-channel shifts.
+The table is indexed by the packed pixel ``R | G << 8 | B << 16``: the little-endian 32-bit value of a 4-byte
+R, G, B, pad pixel with the pad masked (`pack_rgb`; ingestion's resize returns such pixels,
+`ddcolor.data.prepare.prepare_pixels`), so that an image becomes table indices with one mask, no per-channel
+shifts.
 
 Cost: 64 MiB (2^24 entries of 4 bytes: L, a, b and a pad byte, so that one look-up is one aligned 32-bit load;
 three separate planes were twice as slow), about 2-3 s of one core to build. The table is cached on disk, in

@@ -1,9 +1,11 @@
-"""The fast ingestion path gives today's stored values: 8-bit decode, the Lab table, one-pass colorfulness, draft.
+"""The fast ingestion path gives the stored values of the plain one: 8-bit decode, resize, the Lab table,
+one-pass colorfulness, draft.
 
-`ddcolor.data.prepare.prepare_row` decodes with `read_rgb8_image` (no float32 copy), resizes in PIL, takes the
-pixels out once as packed 32-bit values (`packed_pixels`), encodes Lab with `LabEncoder` (a 2^24-entry table of
-`encode_lab`) and computes colorfulness with `colorfulness_packed`. Each must give the same values as the path it
-replaced: `read_image` + `to_uint`, `prepare_image`, `encode_lab`, `colorfulness_np`.
+`ddcolor.data.prepare.prepare_row` decodes with `read_rgb8_image` (no float32 copy), resizes PIL's 4-byte pixels
+in torch straight to packed 32-bit values (`prepare_pixels`), encodes Lab with `LabEncoder` (a 2^24-entry table of
+`encode_lab`) and computes colorfulness with `colorfulness_packed`. Each must give the same values as the plain
+path: `read_image` + `to_uint`, `prepare_image`, `encode_lab`, `colorfulness_np`. The resize itself is PIL's
+antialiased bicubic up to rounding ties (`test_resize_is_pils_bicubic_up_to_rounding_ties`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from ddcolor.data.prepare import (
     PrepareParams,
     colorfulness_packed,
     colorfulness_u8,
-    packed_pixels,
     prepare_image,
+    prepare_pixels,
     prepare_row,
+    resize_rgb8,
 )
 from ddcolor.data.shards import encode_lab
 from ddcolor.imageio import ImageReadError, read_image, read_rgb8, to_uint
@@ -59,17 +62,56 @@ def test_colorfulness_u8_equals_colorfulness_np():
     for image in images:
         expected = colorfulness_np(image)
         assert colorfulness_u8(image) == pytest.approx(expected, rel=1e-12, abs=1e-12)
-        packed = packed_pixels(Image.fromarray(image))  # PIL's pad byte set: it must not count
+        packed = lab_lut.pack_rgb(image) | np.int32(-(1 << 24))  # a pad byte of 255 must not count
         assert colorfulness_packed(packed) == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
-def test_packed_pixels_round_trip_through_pack_and_unpack():
-    rgb = np.random.default_rng(2).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    packed = packed_pixels(Image.fromarray(rgb))
-    assert packed.shape == (35,) and np.array_equal(packed & 0xFFFFFF, lab_lut.pack_rgb(rgb))
-    assert np.array_equal(lab_lut.unpack_rgb(packed).reshape(5, 7, 3), rgb)
+def test_prepared_pixels_are_the_prepared_image_packed():
+    rgb = np.random.default_rng(2).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    assert np.array_equal(lab_lut.unpack_rgb(lab_lut.pack_rgb(rgb)).reshape(50, 70, 3), rgb)
+    for mode in ("resize", "center_crop"):
+        packed = prepare_pixels(Image.fromarray(rgb), 24, mode)  # resized with PIL's pad as a 4th channel
+        assert packed.shape == (24 * 24,) and packed.dtype == np.dtype("<i4")
+        assert np.array_equal(lab_lut.unpack_rgb(packed).reshape(24, 24, 3), prepare_image(rgb, 24, mode)), mode
     with pytest.raises(ValueError, match="RGB image"):
-        packed_pixels(Image.new("L", (4, 4)))
+        prepare_pixels(Image.new("L", (4, 4)), 2, "resize")
+
+
+def _pil_resize(rgb: np.ndarray, width: int, height: int, float_channels: bool = False) -> np.ndarray:
+    """PIL's antialiased bicubic resize of the uint8 image, or of each channel in float ("F"), as float64."""
+    if not float_channels:
+        return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC)).astype(np.float64)
+    channels = [Image.fromarray(rgb[..., c].astype(np.float32)) for c in range(3)]
+    return np.stack([np.asarray(c.resize((width, height), Image.Resampling.BICUBIC)) for c in channels], axis=-1)
+
+
+def test_resize_is_pils_bicubic_up_to_rounding_ties():
+    """The stored resize (torch's uint8 kernel, `resize_rgb8` / `prepare_image`) is PIL's antialiased bicubic: the
+    same filter, 8-bit intermediate and pass order, so the two differ only where a value lies about halfway between
+    two levels (and a flipped intermediate moves its neighbours by one more at most), and both are equally far from
+    a float resize."""
+    import skimage.data
+
+    rng = np.random.default_rng(3)
+    images = {
+        "portrait": skimage.data.astronaut()[::2, ::3].copy(),  # 256 high x 171 wide
+        "landscape": skimage.data.astronaut()[::3, ::2].copy(),  # 171 x 256
+        "noise": rng.integers(0, 256, size=(120, 90, 3), dtype=np.uint8),
+        "blocks": np.kron(rng.integers(0, 256, size=(6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8),  # 48 x 64
+    }
+    for name, rgb in images.items():
+        height, width = rgb.shape[:2]
+        # one axis, both (portrait -> 100 x 100: Pillow filters the columns first), up, up and down
+        for out_w, out_h in [(width, 40), (40, height), (50, 40), (100, 100), (300, 300), (300, 40)]:
+            ours = resize_rgb8(rgb, out_w, out_h).astype(np.float64)
+            if out_w == out_h:
+                assert np.array_equal(ours, prepare_image(rgb, out_w, "resize"))
+            pil = _pil_resize(rgb, out_w, out_h)
+            differ = np.abs(ours - pil)
+            assert differ.max() <= 2 and np.mean(differ > 0) < 0.015, (name, out_w, out_h, np.mean(differ > 0))
+            exact = np.clip(_pil_resize(rgb, out_w, out_h, float_channels=True), 0, 255)
+            ours_err, pil_err = np.abs(ours - exact).mean(), np.abs(pil - exact).mean()
+            assert abs(ours_err - pil_err) < 0.005, (name, out_w, out_h, ours_err, pil_err)
 
 
 def _reference_row(data: bytes, name, params: PrepareParams) -> PreparedRow:

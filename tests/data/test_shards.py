@@ -1,10 +1,15 @@
 """Shard encoding: round-trip error bounded by the quantisation steps stated in ddcolor.data.shards, and the same
-bytes on every CPU (a golden hash, and the rounding margin over all 8-bit colors)."""
+bytes on every CPU (golden hashes of the Lab encoding and of whole prepared rows, the rows on each of torch's CPU
+kernels, and the rounding margin over all 8-bit colors)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +20,17 @@ from skimage import data
 from ddcolor.color import rgb_to_lab
 from ddcolor.data.samples import sample_images
 from ddcolor.data.shards import AB_MAX, AB_MIN, _unrounded, decode_lab, encode_lab, split_for
+from tests.helpers.golden_rows import prepared_rows_sha256
 
 # sha256 of the decoded pixels of sample 0000_astronaut.jpg (512x512) and of its encoded L + ab bytes. Measured
 # on an AMX machine; the float64 encoding makes the second one the same on AVX2 and AVX-512 machines.
 GOLDEN_PIXELS_SHA256 = "d37dddd42572eda274e4d1c52cbee1b6a2abb061121242410d98869236e9babb"
 GOLDEN_LAB_SHA256 = "ce2515ee3811313f83fccd616213f6321a3da5d9e6753226947f245a86665a10"
+# sha256 of the L + ab bytes `prepare_row` makes of that sample (tests/helpers/golden_rows.py: decode, resize and Lab
+# encoding together). Pinned when the resize moved from PIL to torch's uint8 kernel (the same filter, 8-bit
+# intermediate and pass order): 0.01-0.24% of these rows' L and ab values moved by one step, where a resized value
+# lay halfway between two 8-bit levels. The same on torch's DEFAULT, AVX2 and AVX-512 kernels (checked below).
+GOLDEN_ROWS_SHA256 = "b5074959b13909e74654f159276cc4b8bceeaf3bf15b4b4c6ca51e550bb0a9a6"
 # float64 Lab differs between SIMD code paths by ~1e-13; no 8-bit color comes closer than ~5e-9 to a boundary.
 MIN_ROUNDING_MARGIN = 1e-9
 
@@ -43,6 +54,45 @@ def test_encoded_bytes_of_a_sample_image_are_pinned():
     )
     l_bytes, ab_bytes = encode_lab(rgb)
     assert hashlib.sha256(l_bytes + ab_bytes).hexdigest() == GOLDEN_LAB_SHA256
+
+
+def test_prepared_rows_of_a_sample_image_are_pinned():
+    assert prepared_rows_sha256() == GOLDEN_ROWS_SHA256, (
+        "prepare_row makes other bytes of the sample here. If test_encoded_bytes_of_a_sample_image_are_pinned fails "
+        "too, the decoder changed (re-pin all three); else the resize (torch or Pillow version: see "
+        "ddcolor.data.prepare) or the Lab encoding did. Re-pin only if the change is intended and explained"
+    )
+
+
+@pytest.mark.slow
+def test_prepared_rows_are_the_same_on_every_torch_cpu_kernel(tmp_path):
+    """The resize and the float64 Lab math run on torch's kernel for this CPU (AVX-512 here, AVX2 or plain C
+    elsewhere); ATEN_CPU_CAPABILITY forces each. Without a cached Lab table (an empty cache folder) the rows go
+    through encode_lab itself."""
+    script = (
+        "import torch; from tests.helpers.golden_rows import prepared_rows_sha256; "
+        "print(torch.backends.cpu.get_cpu_capability(), prepared_rows_sha256())"
+    )
+    ran = []
+    for capability in ("default", "avx2", "avx512"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "DDCOLOR_CACHE_DIR": str(tmp_path / "cache")}
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=Path(__file__).resolve().parents[2],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        used, digest = done.stdout.split()[-2:]
+        if used.lower() != capability:  # this CPU lacks it (torch falls back to the best it has)
+            continue
+        assert digest == GOLDEN_ROWS_SHA256, capability
+        ran.append(capability)
+    assert "default" in ran, ran
+    if len(ran) == 1:
+        pytest.skip("this CPU has no AVX2: only torch's plain kernel could be compared with the golden")
 
 
 @pytest.mark.slow
