@@ -19,9 +19,11 @@ Variants:
     auto             ``train.amp=auto`` (the default): bf16 where the machine has native bf16, else fp32; the table
                      says what it resolved to and compares it with the better of fp32 and bf16 (target <= 1.1x).
     bf16_cl          ``train.amp=bf16 train.channels_last=true``: bf16 autocast, NHWC memory format.
-    bf16_cl_compile  the same plus ``train.compile=true`` (``torch.compile`` of the generator).
-A variant that raises (e.g. ``torch.compile`` on CPU: with torch 2.14 the compiled training step fails with an
-inductor stride assertion) or exceeds ``--timeout`` is reported as ``failed: <reason>`` in the table.
+    bf16_cl_compile  the same plus ``train.compile=true`` (``torch.compile`` of the generator). Its warm-up steps
+                     hold the compilation (minutes on a CPU; raise ``--warmup`` so that no timed step recompiles);
+                     bench/compile.py measures compiled vs eager with the two interleaved in one process and the
+                     compile time reported separately, the fairer comparison on a shared machine.
+A variant that raises or exceeds ``--timeout`` is reported as ``failed: <reason>`` in the table.
 
 Peak memory, measured over the timed steps only (the tracker hook resets the peak when the warm-up ends):
     CPU   peak resident set (VmHWM after ``/proc/self/clear_refs`` = 5 at the end of the warm-up) minus the
