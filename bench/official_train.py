@@ -14,14 +14,18 @@ separately; it is paid once per dataset, not per epoch).
 
 Step, identical for both: one `ddcolor.train.Trainer` (random init, full loss: pixel + perceptual + GAN +
 colorfulness) runs ``forward_backward`` on the batch (generator step, then discriminator step, as BasicSR) and both
-optimizer steps. The timed quantity is a whole training iteration including fetching the batch from the loader.
-Median of ``--steps`` iterations after ``--warmup``. Prints a Markdown row per path and the ratio.
+optimizer steps. The timed quantity is a whole training iteration including fetching the batch from the loader
+(that wait is also reported alone: it is what differs between the paths). The two paths alternate, iteration by
+iteration (official ours, ours official, ...), so that a change of machine load hits both alike; median of
+``--steps`` iterations of each after ``--warmup`` rounds, and the paired ratio (median over the rounds of official
+time / ours time). Prints a Markdown row per path and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,23 +43,23 @@ from procstats import cpu_name  # noqa: E402
 import data as bench_data  # noqa: E402
 
 
-def _iteration_times(trainer, loader, warmup: int, steps: int) -> list[float]:
-    times, it = [], iter(loader)
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        trainer.forward_backward([batch])
-        trainer._optimizer_step(trainer.opt_g, trainer.scaler_g, trainer.generator)
-        trainer._optimizer_step(trainer.opt_d, trainer.scaler_d, trainer.discriminator)
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+def _forever(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def _iteration(trainer, batches) -> tuple[float, float]:
+    """(seconds for one training iteration, of which seconds waiting for the batch): fetch, G + D step."""
+    start = time.perf_counter()
+    batch = next(batches)
+    fetched = time.perf_counter()
+    trainer.forward_backward([batch])
+    trainer._optimizer_step(trainer.opt_g, trainer.scaler_g, trainer.generator)
+    trainer._optimizer_step(trainer.opt_d, trainer.scaler_d, trainer.discriminator)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, fetched - start
 
 
 def main() -> None:
@@ -76,6 +80,7 @@ def main() -> None:
     from ddcolor.data.ingest import ingest
     from ddcolor.train import Trainer
 
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ddcolor-official-train-") as tmp:
         tmp = Path(tmp)
         paths = bench_data.make_jpegs(tmp / "raw", args.images)
@@ -98,24 +103,41 @@ def main() -> None:
                 bench_data.OfficialRecipe(paths, args.size), batch_size=args.batch, shuffle=True,
                 num_workers=args.workers, drop_last=True,
             )  # fmt: skip
-            rows = {}
-            for name, loader in (("official", official), ("ours", trainer.loader), ("official ", official)):
-                rows.setdefault(name.strip(), []).extend(_iteration_times(trainer, loader, args.warmup, args.steps))
+            streams = {"official": _forever(official), "ours": _forever(trainer.loader)}
+            rows: dict[str, list[tuple[float, float]]] = {"official": [], "ours": []}
+            # the two paths alternate, official ours / ours official / ..., so load changes hit both alike
+            for i in range(args.warmup + args.steps):
+                for name in ("official", "ours") if i % 2 == 0 else ("ours", "official"):
+                    timing = _iteration(trainer, streams[name])
+                    if i >= args.warmup:
+                        rows[name].append(timing)
         finally:
             trainer.cleanup()
-    # the official path ran twice (before and after ours) so that a drift of the machine's load shows up
-    result = {k: statistics.median(v) for k, v in rows.items()}
+    load_end = os.getloadavg()
+    result = {k: statistics.median(t for t, _ in v) for k, v in rows.items()}
+    fetch = {k: statistics.median(f for _, f in v) for k, v in rows.items()}
     print(
         f"# {cpu_name()}, torch threads {torch.get_num_threads()}; {args.preset} {args.size} px batch {args.batch}, "
-        f"full loss, G+D step, fp32; {args.workers} DataLoader workers; median of {len(rows['ours'])} (ours) / "
-        f"{len(rows['official'])} (official) iterations; ingestion of {args.images} JPEGs {ingest_s:.1f} s"
+        f"full loss, G+D step, fp32; {args.workers} DataLoader workers; median of {args.steps} iterations of each "
+        f"after {args.warmup} warm-up, interleaved; ingestion of {args.images} JPEGs {ingest_s:.1f} s; load "
+        f"average (1 / 5 min) {load[0]:.1f} / {load[1]:.1f} at the start, {load_end[0]:.1f} / {load_end[1]:.1f} at "
+        "the end"
     )
-    print("| path | s/iteration | img/s | ours vs official |")
-    print("|---|---:|---:|---:|")
+    paired = statistics.median(o / u for (o, _), (u, _) in zip(rows["official"], rows["ours"], strict=True))
+    print("| path | s/iteration | of which waiting for the batch, ms | img/s | img/s vs official |")
+    print("|---|---:|---:|---:|---:|")
     for name in ("official", "ours"):
         ratio = result["official"] / result[name]
-        print(f"| {name} | {result[name]:.2f} | {args.batch / result[name]:.2f} | {ratio:.2f}x |")
-    print(json.dumps({k: [round(t, 3) for t in v] for k, v in rows.items()}))
+        print(
+            f"| {name} | {result[name]:.2f} | {1e3 * fetch[name]:.1f} | {args.batch / result[name]:.2f} "
+            f"| {ratio:.2f}x |"
+        )
+    print(f"ours vs official, paired (median over rounds of official time / ours time): {paired:.2f}x")
+    print(
+        f"data path alone (the batch wait): ours {fetch['official'] / fetch['ours']:.1f}x faster than official; "
+        f"its share of the official iteration {100 * fetch['official'] / result['official']:.1f}%"
+    )
+    print(json.dumps({k: [[round(t, 3), round(f, 4)] for t, f in v] for k, v in rows.items()}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""`bench/compile.py --smoke`: runs to the end and reports sane numbers (slow: the compiled variants spend about two
-minutes compiling on 2 CPU cores). No timing is asserted."""
+"""`bench/compile.py --smoke` and `bench/official_train.py` at their smallest: both run to the end and report sane
+numbers (slow: the compiled variants spend about two minutes compiling on 2 CPU cores). No timing is asserted."""
 
 from __future__ import annotations
 
@@ -31,3 +31,18 @@ def test_compile_bench_smoke(tmp_path):
     assert rows["train"]["difference"] < 1e-3
     assert rows["infer"]["difference"] < 1e-4
     assert "| train | test_convnext (smoke) |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_official_train_bench_runs(tmp_path):
+    script = str(ROOT / "bench" / "official_train.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--preset", "atto", "--size", "64", "--batch", "2", "--steps", "1", "--warmup", "1",
+         "--images", "8"],
+        capture_output=True, text=True, timeout=900, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    times = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(times["ours"]) == len(times["official"]) == 1
+    assert all(total >= wait >= 0 for runs in times.values() for total, wait in runs)
+    assert "| ours |" in proc.stdout and "| official |" in proc.stdout
