@@ -8,12 +8,12 @@ encode Lab in the shard encoding (`ddcolor.data.shards.encode_lab`, by look-up t
 
 The resize is PIL's antialiased bicubic (Keys a = -0.5, widened by the scale when shrinking; two passes with an
 8-bit intermediate, in Pillow's order), computed by torch's uint8 kernel (``F.interpolate(..., mode="bicubic",
-antialias=True)``), 2.3x faster than PIL's on one core. The two differ only on values about halfway between two
-levels (0.1-0.7% of them, by one level, rarely two; equally far from a float resize), and torch gives the same
-bytes on its DEFAULT, AVX2 and AVX-512 code paths (tests/data/test_shards.py). The decoded image goes to torch as
-PIL's own 4-byte pixels (R, G, B, pad: one memcpy, no unpacking), is resized with the pad as a fourth channel, and
-comes back as packed 32-bit pixels ``R | G << 8 | B << 16``: the Lab table's index, read also by the colorfulness
-sums.
+antialias=True)``): 2.3x faster than PIL's on a 500 x 375 photo, 8x on 2048 x 1536. The two differ only on values
+about halfway between two levels (0.1-0.7% of them, by one level, rarely two; equally far from a float resize),
+and torch gives the same bytes on its DEFAULT, AVX2 and AVX-512 code paths (tests/data/test_shards.py). torch reads
+PIL's own 4-byte pixels (R, G, B, pad) in place, through Arrow and DLPack, resizes the pad as a fourth channel, and
+returns packed 32-bit pixels ``R | G << 8 | B << 16``: the Lab table's index, read also by the colorfulness sums.
+Images over `TORCH_RESIZE_MAX_BYTES` (about 4 megapixels), which PIL cannot share in one piece, PIL resizes itself.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ddcolor.color import CF_MEAN_WEIGHT
-from ddcolor.data.lab_lut import LabEncoder, pack_rgb
+from ddcolor.data.lab_lut import LabEncoder, pack_rgb, unpack_rgb
 from ddcolor.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, read_rgb8_image, to_uint
 
 __all__ = [
     "DRAFT_FACTOR",
     "MIN_SIDE",
+    "TORCH_RESIZE_MAX_BYTES",
     "PrepareParams",
     "PreparedRow",
     "colorfulness_packed",
@@ -53,6 +55,11 @@ MIN_SIDE = 32  # px: inputs smaller than this on either side (after EXIF rotatio
 #: stored values by up to 1.2 L* and 3 ab (mean 0.06 L*, 0.15 ab), more than the shard quantisation tolerance
 #: (0.2 L*, 0.5 ab) that ingestion promises relative to a full decode. 2 is the setting that was measured.
 DRAFT_FACTOR = 0
+
+#: Images with more pixel bytes than this (4 a pixel in PIL; 16 MiB: about 4.2 megapixels, PIL's default memory
+#: block) are resized by PIL itself: PIL keeps them in several blocks, so torch could only read a copy, and copying
+#: 12 MP out (~45 ms here) costs as much as PIL's whole resize (~50 ms). Smaller ones torch reads in place.
+TORCH_RESIZE_MAX_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -140,38 +147,62 @@ def _resize(chw: torch.Tensor, size: int, resize_mode: str) -> torch.Tensor:
     return out[:, top : top + size, left : left + size]
 
 
+def prepare_image(rgb: np.ndarray | Image.Image, size: int, resize_mode: str) -> np.ndarray:
+    """float or uint8 (H, W, 3) sRGB (float in [0, 1]), or a PIL image -> uint8 (size, size, 3) sRGB: the image a
+    shard stores (`prepare_pixels`, unpacked)."""
+    if isinstance(rgb, Image.Image):
+        im = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
+    else:
+        im = Image.fromarray(to_uint(rgb, 8) if rgb.dtype != np.uint8 else np.ascontiguousarray(rgb), mode="RGB")
+    return unpack_rgb(prepare_pixels(im, size, resize_mode)).reshape(size, size, 3)
+
+
 def resize_rgb8(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (height, width, 3) with the resampling of every stored image (module docstring)."""
+    """uint8 (H, W, 3) -> uint8 (height, width, 3) with torch's resampling (the module docstring), as
+    `prepare_pixels` applies it to images up to `TORCH_RESIZE_MAX_BYTES`."""
     chw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
     return _bicubic(chw, height, width)[0].permute(1, 2, 0).numpy().copy()
 
 
-def prepare_image(rgb: np.ndarray | Image.Image, size: int, resize_mode: str) -> np.ndarray:
-    """float or uint8 (H, W, 3) sRGB (float in [0, 1]), or a PIL image -> uint8 (size, size, 3) sRGB: the image a
-    shard stores (the resize of `prepare_pixels`)."""
-    if isinstance(rgb, Image.Image):
-        rgb = np.array(rgb.convert("RGB"))
-    rgb = to_uint(rgb, 8) if rgb.dtype != np.uint8 else np.ascontiguousarray(rgb)
-    if not rgb.flags.writeable:  # torch.from_numpy warns on read-only arrays
-        rgb = rgb.copy()
-    hwc = torch.from_numpy(rgb)
-    return _resize(hwc.permute(2, 0, 1)[None], size, resize_mode).permute(1, 2, 0).numpy().copy()
+def _shared_rgbx(im: Image.Image) -> torch.Tensor:
+    """PIL's own 4-byte pixels (R, G, B, pad) of an RGB image as a uint8 (H, W, 4) tensor: shared, not copied
+    (Arrow, then DLPack), when PIL holds the image in one memory block; else a copy."""
+    width, height = im.size
+    try:
+        values = pa.array(im).flatten()  # Pillow >= 11.2; "rows are not contiguous" for a multi-block image
+    except (ValueError, TypeError, pa.ArrowException):
+        return torch.frombuffer(bytearray(im.tobytes("raw", "RGBX")), dtype=torch.uint8).view(height, width, 4)
+    return torch.from_dlpack(values).view(height, width, 4)  # read only: nothing here writes to it
+
+
+def _pil_resize(im: Image.Image, size: int, resize_mode: str) -> Image.Image:
+    """`_resize` done by PIL (the same filter, intermediate and pass order): for images over
+    `TORCH_RESIZE_MAX_BYTES`."""
+    width, height = im.size
+    if resize_mode == "resize":
+        return im.resize((size, size), Image.Resampling.BICUBIC)
+    if resize_mode != "center_crop":
+        raise ValueError(f"unknown resize_mode {resize_mode!r}; use 'resize' or 'center_crop'")
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return im.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
 
 
 def prepare_pixels(im: Image.Image, size: int, resize_mode: str) -> np.ndarray:
     """An RGB PIL image -> its stored (size, size) image as int32 (size*size,) packed pixels ``R | G << 8 | B << 16
-    | pad << 24``, row-major (consumers mask the pad away). The same pixels as `prepare_image`.
+    | pad << 24``, row-major (consumers mask the pad away; `prepare_image` unpacks them).
 
-    PIL holds RGB as 4 bytes a pixel; ``tobytes("raw", "RGBX")`` copies them as they are (a memcpy, where
-    ``tobytes()`` unpacks to 3 bytes at twice the cost), torch resizes the 4 channels (channels-last, the layout of
-    its vectorised uint8 kernel; each channel independently), and the little-endian 32-bit view of the result puts
-    R in the low byte on any machine.
+    Up to `TORCH_RESIZE_MAX_BYTES`, torch reads PIL's 4-byte pixels where they are and resizes the 4 channels
+    (channels-last: the layout of its vectorised uint8 kernel; each channel on its own); larger images PIL resizes.
+    The little-endian 32-bit view of the result puts R in the low byte on any machine.
     """
     if im.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {im.mode}")
     width, height = im.size
-    rgbx = torch.frombuffer(bytearray(im.tobytes("raw", "RGBX")), dtype=torch.uint8).view(height, width, 4)
-    out = _resize(rgbx.permute(2, 0, 1)[None], size, resize_mode).permute(1, 2, 0)  # (size, size, 4)
+    if 4 * width * height > TORCH_RESIZE_MAX_BYTES:
+        return np.frombuffer(_pil_resize(im, size, resize_mode).tobytes("raw", "RGBX"), dtype="<i4")
+    out = _resize(_shared_rgbx(im).permute(2, 0, 1)[None], size, resize_mode).permute(1, 2, 0)  # (size, size, 4)
     return out.contiguous().numpy().view("<i4").reshape(-1)
 
 

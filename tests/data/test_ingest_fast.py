@@ -66,13 +66,22 @@ def test_colorfulness_u8_equals_colorfulness_np():
         assert colorfulness_packed(packed) == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
-def test_prepared_pixels_are_the_prepared_image_packed():
+def test_prepared_pixels_are_torchs_resize_packed_and_pils_above_the_limit(monkeypatch):
     rgb = np.random.default_rng(2).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    im = Image.fromarray(rgb)
     assert np.array_equal(lab_lut.unpack_rgb(lab_lut.pack_rgb(rgb)).reshape(50, 70, 3), rgb)
-    for mode in ("resize", "center_crop"):
-        packed = prepare_pixels(Image.fromarray(rgb), 24, mode)  # resized with PIL's pad as a 4th channel
+    assert np.array_equal(prepare._shared_rgbx(im)[..., :3].numpy(), rgb)  # PIL's pixels, read in place
+    # 70 x 50 -> 24 x 24 directly, or the short side to 24 (34 x 24) and the central 24 columns
+    expected = {"resize": resize_rgb8(rgb, 24, 24), "center_crop": resize_rgb8(rgb, 34, 24)[:, 5:29]}
+    for mode, image in expected.items():
+        packed = prepare_pixels(im, 24, mode)  # 4 channels from PIL's memory, vs 3 from a numpy copy
         assert packed.shape == (24 * 24,) and packed.dtype == np.dtype("<i4")
-        assert np.array_equal(lab_lut.unpack_rgb(packed).reshape(24, 24, 3), prepare_image(rgb, 24, mode)), mode
+        assert np.array_equal(lab_lut.unpack_rgb(packed).reshape(24, 24, 3), image), mode
+        assert np.array_equal(prepare_image(rgb, 24, mode), image), mode
+    monkeypatch.setattr(prepare, "TORCH_RESIZE_MAX_BYTES", 4 * 70 * 50 - 1)  # this image is now "large"
+    for mode, (size, left) in {"resize": ((24, 24), 0), "center_crop": ((34, 24), 5)}.items():
+        pil = np.asarray(im.resize(size, Image.Resampling.BICUBIC))[:, left : left + 24]
+        assert np.array_equal(lab_lut.unpack_rgb(prepare_pixels(im, 24, mode)).reshape(24, 24, 3), pil), mode
     with pytest.raises(ValueError, match="RGB image"):
         prepare_pixels(Image.new("L", (4, 4)), 2, "resize")
 
