@@ -28,12 +28,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from ddcolor import storage
 from ddcolor.errors import DDColorError
-from ddcolor.fanout import ProcessPoolMapper
+from ddcolor.fanout import ProcessPoolMapper, mapper_session
 from ddcolor.imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError, read_image
 
 __all__ = [
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "colorize-manifest.parquet"
 MARKER_DIR = ".ddcolor/done"
 BATCH = 8  # files per job: big enough to amortise a task's overhead, small enough to spread over workers
+LIST_WINDOW = 16384  # inputs listed and mapped at a time (the listing is streamed)
 
 
 class ArchiveError(DDColorError, RuntimeError):
@@ -408,7 +410,8 @@ def colorize_archive(
             (``map_batches(colorize_batch, jobs)`` -> one list per job, in order: `ddcolor.fanout.TaskRunnerMapper`
             for Prefect/Dask/Ray); default: a local process pool of ``workers`` processes (0 = this process; None =
             one per core). batch_size: files per job.
-        progress: a tqdm bar. on_progress: called as ``on_progress(inputs_done, inputs)`` after each batch.
+        progress: a tqdm bar. on_progress: called as ``on_progress(inputs_done, inputs_listed)`` after each batch
+            (the listing is streamed in windows of `LIST_WINDOW` inputs: the second number grows until it is complete).
 
     Returns:
         The `ArchiveReport`; the manifest at ``out/colorize-manifest.parquet`` lists every input.
@@ -431,34 +434,42 @@ def colorize_archive(
     settings = settings or ColorizeSettings()
     pinned, model_id = resolve_model(model)
     exclude = out if storage.is_s3(source) == storage.is_s3(out) else None
-    items = list(list_archive_inputs(source if storage.is_s3(source) else str(Path(source).resolve()), exclude))
-    jobs = [
-        ArchiveJob(tuple(items[i : i + batch_size]), out, pinned, model_id, settings)
-        for i in range(0, len(items), batch_size)
-    ]
+    listing = list_archive_inputs(source if storage.is_s3(source) else str(Path(source).resolve()), exclude)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    report = ArchiveReport(source, out, pinned, model_id, inputs=len(items), workers=workers if not map_batches else 0)
-    log.info("colorize-archive %s -> %s: %d images in %d batches with %s", source, out, len(items), len(jobs), pinned)
+    report = ArchiveReport(source, out, pinned, model_id, inputs=0, workers=workers if not map_batches else 0)
+    log.info("colorize-archive %s -> %s with %s", source, out, pinned)
     mapper = map_batches or ProcessPoolMapper(workers)
     records: list[ArchiveRecord] = []
-    bar = tqdm(total=len(items), unit="img", desc="colorize-archive", disable=not progress, dynamic_ncols=True)
-    results = mapper(colorize_batch, jobs)
-    try:
-        with bar:
-            for index, batch in enumerate(results):
-                expected = [uri for uri, _ in jobs[index].items]
-                if [r.input for r in batch] != expected:
-                    raise ArchiveError(f"map_batches returned batch {index} out of order; a mapper must keep order")
-                records.extend(batch)
-                bar.update(len(batch))
-                if on_progress is not None:
-                    on_progress(len(records), len(items))
-    finally:
-        with contextlib.suppress(Exception):
-            getattr(results, "close", lambda: None)()
-    if len(records) != len(items):
-        raise ArchiveError(f"map_batches returned {len(records)} records for {len(items)} inputs")
+    bar = tqdm(unit="img", desc="colorize-archive", disable=not progress, dynamic_ncols=True)
+    # the listing is streamed: one window of inputs is listed (and held) at a time
+    with bar, mapper_session(mapper):
+        window = list(islice(listing, LIST_WINDOW))
+        while window:
+            following = list(islice(listing, LIST_WINDOW))  # listed ahead: is this window the last one?
+            report.inputs += len(window)
+            if not following:  # the listing is complete: the bar gets its total
+                bar.total = report.inputs
+                bar.refresh()
+            jobs = [
+                ArchiveJob(tuple(window[i : i + batch_size]), out, pinned, model_id, settings)
+                for i in range(0, len(window), batch_size)
+            ]
+            results = mapper(colorize_batch, jobs)
+            try:
+                for index, batch in enumerate(results):
+                    if index >= len(jobs) or [r.input for r in batch] != [uri for uri, _ in jobs[index].items]:
+                        raise ArchiveError(f"map_batches returned batch {index} out of order; a mapper must keep order")
+                    records.extend(batch)
+                    bar.update(len(batch))
+                    if on_progress is not None:
+                        on_progress(len(records), report.inputs)
+            finally:
+                with contextlib.suppress(Exception):
+                    getattr(results, "close", lambda: None)()
+            window = following
+    if len(records) != report.inputs:
+        raise ArchiveError(f"map_batches returned {len(records)} records for {report.inputs} inputs")
     for r in records:
         if r.status == "done":
             report.done += 1

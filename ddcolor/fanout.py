@@ -269,7 +269,7 @@ class ProcessPoolMapper:
             executor.shutdown(wait=True, cancel_futures=True)
 
     def __call__(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]:
-        if self.workers <= 0 or len(jobs) <= 1:
+        if self.workers <= 0 or (len(jobs) <= 1 and self._executor is None):  # no pool started for one job
             yield from map_in_process(fn, jobs)
             return
         own = self._executor is None

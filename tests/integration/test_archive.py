@@ -80,15 +80,20 @@ def test_archive_equals_colorize_accounts_for_every_input_and_reruns_skip(bad_im
 
 
 @pytest.mark.slow
-def test_archive_on_a_local_process_pool_equals_colorize(checkpoints, tmp_path):
+def test_archive_on_a_local_process_pool_equals_colorize(checkpoints, tmp_path, monkeypatch):
+    """Also with the listing streamed in windows (of 4 inputs here): one pool serves every window."""
+    from ddcolor import archive
+
+    monkeypatch.setattr(archive, "LIST_WINDOW", 4)
     model = checkpoints[0]
     make_random_images(tmp_path / "src", 5)
     report = colorize_archive(
         tmp_path / "src", tmp_path / "out", str(model), settings=_settings(), workers=2, batch_size=2
     )
     colorize_reference(tmp_path / "src", tmp_path / "ref", model, None)
-    assert report.done == 5 and not report.failed
+    assert report.inputs == report.done == 5 and not report.failed
     assert_same_outputs(tmp_path / "out", tmp_path / "ref")
+    assert len(read_manifest(str(tmp_path / "out"))) == 5
     assert len({r["worker"] for r in read_manifest(str(tmp_path / "out"))}) == 2  # both processes took batches
 
 
