@@ -28,13 +28,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from ddcolor import storage
 from ddcolor.errors import DDColorError
-from ddcolor.fanout import ProcessPoolMapper, mapper_session
+from ddcolor.fanout import ProcessPoolMapper, mapper_session, windows
 from ddcolor.imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError, read_image
 
 __all__ = [
@@ -444,11 +443,9 @@ def colorize_archive(
     bar = tqdm(unit="img", desc="colorize-archive", disable=not progress, dynamic_ncols=True)
     # the listing is streamed: one window of inputs is listed (and held) at a time
     with bar, mapper_session(mapper):
-        window = list(islice(listing, LIST_WINDOW))
-        while window:
-            following = list(islice(listing, LIST_WINDOW))  # listed ahead: is this window the last one?
+        for window, last in windows(listing, LIST_WINDOW):
             report.inputs += len(window)
-            if not following:  # the listing is complete: the bar gets its total
+            if last:  # the listing is complete: the bar gets its total
                 bar.total = report.inputs
                 bar.refresh()
             jobs = [
@@ -467,7 +464,6 @@ def colorize_archive(
             finally:
                 with contextlib.suppress(Exception):
                     getattr(results, "close", lambda: None)()
-            window = following
     if len(records) != report.inputs:
         raise ArchiveError(f"map_batches returned {len(records)} records for {report.inputs} inputs")
     for r in records:

@@ -57,6 +57,8 @@ __all__ = [
     "mapper_session",
     "parse_task_runner",
     "pickle_flow_module_by_value",
+    "use_one_torch_thread",
+    "windows",
 ]
 
 J = TypeVar("J")
@@ -226,8 +228,8 @@ class WorkerDiedError(DDColorError):
     """A local worker process died (killed, or out of memory). What was committed before is kept."""
 
 
-def _one_torch_thread() -> None:
-    """A pool worker computes on one core: the pool already runs one process per core."""
+def use_one_torch_thread() -> None:
+    """A worker process computes on one core: an executor already runs one process per core."""
     with contextlib.suppress(Exception):  # torch is optional for some jobs; never fail a worker over it
         import torch
 
@@ -300,7 +302,7 @@ def _init_worker(environ: dict[str, str]) -> None:
     # storage settings (AWS_*, DDCOLOR_*) as the parent has them now
     os.environ.clear()
     os.environ.update(environ)
-    _one_torch_thread()
+    use_one_torch_thread()
 
 
 def mapper_session(mapper: Any) -> contextlib.AbstractContextManager[Any]:
@@ -314,3 +316,14 @@ def map_in_process(fn: Callable[[J], R], jobs: Iterable[J]) -> Iterator[R]:
     """The trivial ``map_batches``: every job in this process, in order (tests, ``--task-runner none``)."""
     for job in jobs:
         yield fn(job)
+
+
+def windows(items: Iterable[J], size: int) -> Iterator[tuple[list[J], bool]]:
+    """``(window, last)``: consecutive lists of up to ``size`` items of a stream (a listing), each with whether it
+    is the last one. One window is read ahead to know that, so at most two are held at once."""
+    stream = iter(items)
+    window = list(islice(stream, size))
+    while window:
+        following = list(islice(stream, size))
+        yield window, not following
+        window = following

@@ -59,6 +59,7 @@ __all__ = [
     "is_s3",
     "iter_files",
     "join",
+    "json_bytes",
     "list_files",
     "open_input_file",
     "read_bytes",
@@ -914,11 +915,16 @@ def read_json(uri: str | os.PathLike[str]) -> Any:
         raise StorageError(str(uri), f"not valid JSON: {err}") from None
 
 
-def write_json(uri: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the indented UTF-8 JSON that `write_json` writes."""
     import json
 
-    write_bytes(uri, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_json(uri: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes(uri, json_bytes(obj))
 
 
 class _RangeReader(io.RawIOBase):

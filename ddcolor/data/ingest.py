@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +59,15 @@ from ddcolor.data.manifest import (
     ManifestError,
     QuarantineEntry,
     build_manifest,
-    format_problem,
     merge_quarantine,
     orphan_shards,
+    parse_manifest,
     read_manifest,
-    shards_problem,
 )
 from ddcolor.data.prepare import MIN_SIDE, PrepareParams
 from ddcolor.data.shards import ShardRow
 from ddcolor.errors import DDColorError
-from ddcolor.fanout import ProcessPoolMapper, mapper_session
+from ddcolor.fanout import ProcessPoolMapper, mapper_session, windows
 from ddcolor.imageio import IMAGE_EXTENSIONS
 
 __all__ = [
@@ -175,13 +173,12 @@ def shard_uris(dest: str, manifest: dict[str, Any] | None = None) -> list[str]:
 
 def load_quarantine(dest: str) -> list[dict[str, Any]]:
     """The quarantine entries at ``dest`` (empty when there is no quarantine.json)."""
+    uri = storage.join(dest, QUARANTINE_NAME)
     try:
-        data = storage.read_json(storage.join(dest, QUARANTINE_NAME))
+        data = storage.read_json(uri)
     except storage.StorageNotFoundError:
         return []
-    if not isinstance(data, dict) or data.get("format") != QUARANTINE_FORMAT:
-        raise IngestError(f"{storage.join(dest, QUARANTINE_NAME)}: not a {QUARANTINE_FORMAT} file")
-    return list(data.get("entries", []))
+    return list(_checked_quarantine(uri, data).get("entries", []))
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -460,17 +457,14 @@ def ingest(
     with bar, logging_redirect_tqdm() if progress else contextlib.nullcontext():
         inputs = _iter_inputs(source, report)
         with mapper_session(mapper):
-            window = list(islice(inputs, LIST_WINDOW))
-            listed = len(window)
-            while window:
-                following = list(islice(inputs, LIST_WINDOW))  # listed ahead: is this window the last one?
-                if not following:  # the listing is complete: the bar gets its total
+            listed = 0
+            for window, last in windows(inputs, LIST_WINDOW):
+                listed += len(window)
+                if last:  # the listing is complete: the bar gets its total
                     bar.total = listed
                     bar.refresh()
                 run.hash_window(window)
-                run.write_shards(final=not following)
-                window = following
-                listed += len(window)
+                run.write_shards(final=last)
     if not report.inputs:
         log.warning("no image files under %s (extensions: %s)", source, ", ".join(sorted(IMAGE_EXTENSIONS)))
 
@@ -496,10 +490,6 @@ def _name(obj: object) -> str:
 # --- the commit ------------------------------------------------------------------------------------------
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 def _commit(run: _Run, base: dict[str, Any] | None) -> None:
     """Quarantine first, then the hash index and the manifest last, each merged with whatever another run committed
     meanwhile (`ddcolor.storage.update_bytes`); rows another run committed first are dropped from this run's shards.
@@ -510,7 +500,7 @@ def _commit(run: _Run, base: dict[str, Any] | None) -> None:
     def change_quarantine(current: bytes | None) -> bytes | None:
         existing = _parse_quarantine(dest, current)
         merged = merge_quarantine(existing, report.quarantined, written, run.ingested_at)
-        return None if existing is not None and merged == existing else _json_bytes(merged)
+        return None if existing is not None and merged == existing else storage.json_bytes(merged)
 
     storage.update_bytes(storage.join(dest, QUARANTINE_NAME), change_quarantine)
 
@@ -522,15 +512,17 @@ def _commit(run: _Run, base: dict[str, Any] | None) -> None:
             raise IngestError(f"{storage.join(dest, MANIFEST_NAME)}: removed while this ingest ran; rerun it")
         _check_compatible(current, run.cfg, dest)
         shards = list((current or {}).get("shards", []))
-        if any(s["path"] not in base_paths for s in shards):  # another run committed meanwhile
-            _drop_rows_committed_by_others(run, current)
-        entries = [r.entry for r in run.results if r.entry is not None]
-        if current is not None and not entries:
+        if current is not None and all(r.entry is None for r in run.results):
             return None  # nothing to add: the manifest stays byte for byte
         index, _ = _hash_index(dest, current)
+        if any(s["path"] not in base_paths for s in shards):  # another run committed meanwhile
+            _drop_rows_committed_by_others(run, index)
+        entries = [r.entry for r in run.results if r.entry is not None]
+        if current is not None and not entries:
+            return None  # everything was committed by the other run
         ours = HashIndex.from_hex(h for r in run.results if r.entry is not None for h in r.hashes)
         relative = write_hash_index(dest, index.union(ours)) if len(index) + len(ours) else None
-        return _json_bytes(build_manifest(run.cfg.model_dump(), shards + entries, relative))
+        return storage.json_bytes(build_manifest(run.cfg.model_dump(), shards + entries, relative))
 
     final = _parse_manifest(dest, storage.update_bytes(storage.join(dest, MANIFEST_NAME), change_manifest)) or {}
     ours = {r.entry["path"] for r in run.results if r.entry is not None}
@@ -541,15 +533,10 @@ def _commit(run: _Run, base: dict[str, Any] | None) -> None:
 def _parse_manifest(dest: str, data: bytes | None) -> dict[str, Any] | None:
     if data is None:
         return None
-    uri = storage.join(dest, MANIFEST_NAME)
     try:
-        manifest = json.loads(data)
-    except ValueError as err:
-        raise IngestError(f"{uri}: cannot read dataset manifest: not JSON ({err})") from None
-    problem = format_problem(manifest) or shards_problem(manifest)
-    if problem:
-        raise IngestError(f"{uri}: {problem}")
-    return manifest
+        return parse_manifest(data, storage.join(dest, MANIFEST_NAME))
+    except ManifestError as err:
+        raise IngestError(str(err)) from None
 
 
 def _parse_quarantine(dest: str, data: bytes | None) -> dict[str, Any] | None:
@@ -560,17 +547,21 @@ def _parse_quarantine(dest: str, data: bytes | None) -> dict[str, Any] | None:
         parsed = json.loads(data)
     except ValueError as err:
         raise IngestError(f"{uri}: not JSON ({err})") from None
+    return _checked_quarantine(uri, parsed)
+
+
+def _checked_quarantine(uri: str, parsed: Any) -> dict[str, Any]:
     if not isinstance(parsed, dict) or parsed.get("format") != QUARANTINE_FORMAT:
         raise IngestError(f"{uri}: not a {QUARANTINE_FORMAT} file")
     return parsed
 
 
-def _drop_rows_committed_by_others(run: _Run, current: dict[str, Any] | None) -> None:
-    """Rewrite this run's shards without the rows whose content another run committed first (counted as
-    duplicates then); a shard left empty is dropped. The replaced files are this run's own, never listed: deleted."""
+def _drop_rows_committed_by_others(run: _Run, committed: HashIndex) -> None:
+    """Rewrite this run's shards without the rows whose content is in ``committed`` (the index of the manifest
+    another run committed meanwhile; those rows count as duplicates then); a shard left empty is dropped. The
+    replaced files are this run's own, never listed: deleted."""
     import pyarrow.parquet as pq
 
-    committed, _ = _hash_index(run.dest, current)
     for i, result in enumerate(run.results):
         overlap = {h for h in result.hashes if h in committed}
         if result.entry is None or not overlap:

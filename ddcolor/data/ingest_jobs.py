@@ -34,6 +34,7 @@ from ddcolor.data.hash_index import load_hash_index
 from ddcolor.data.manifest import SHARDS_DIR, QuarantineEntry
 from ddcolor.data.prepare import PreparedRow, PrepareParams, prepare_row
 from ddcolor.data.shards import ShardRow, split_for, write_shard_file
+from ddcolor.fanout import use_one_torch_thread
 
 __all__ = [
     "HashJob",
@@ -57,15 +58,7 @@ def origin() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@functools.cache
-def _configure_worker_process() -> None:
-    """Once per worker process: one torch thread (an executor runs one process per core already)."""
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+_configure_worker_process = functools.cache(use_one_torch_thread)  # once per worker process
 
 
 def _enter(job_origin: str) -> None:

@@ -68,6 +68,7 @@ __all__ = [
     "manifest_uri",
     "merge_quarantine",
     "orphan_shards",
+    "parse_manifest",
     "read_manifest",
     "schema_problems",
     "shards_problem",
@@ -135,6 +136,15 @@ def read_manifest(dataset_uri: str) -> dict[str, Any]:
         raise ManifestError(
             f"{uri}: no dataset manifest here (ingest one with `ddcolor ingest SOURCE --dest DEST`)", uri, missing=True
         ) from None
+    return parse_manifest(data, uri)
+
+
+def parse_manifest(data: bytes, uri: str) -> dict[str, Any]:
+    """The checked manifest in ``data`` (the bytes of the manifest at ``uri``, named in errors).
+
+    Raises:
+        ManifestError: not JSON, another format or version, or a bad shard list.
+    """
     try:
         manifest = json.loads(data)
     except ValueError as err:
